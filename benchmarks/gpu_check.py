@@ -1,0 +1,241 @@
+"""GPU checks in one run: kernel numerics, the compiled path's generated code, quick timings.
+
+    python benchmarks/gpu_check.py [--quick]
+
+Prints a summary table last. Meant for the lent H200 (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import qkfuse  # noqa: E402
+from qkfuse.kernels import triton_norm_rope as tk  # noqa: E402
+from qkfuse.kernels.reference import norm_rope_reference  # noqa: E402
+from qkfuse.ops.recipe import Recipe  # noqa: E402
+
+DEV = "cuda"
+SUMMARY: list[str] = []
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+    SUMMARY.append(msg)
+
+
+def ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| in units of ref's dtype spacing at |ref|."""
+    o, r = out.double(), ref.double()
+    spacing = torch.finfo(ref.dtype).eps * r.abs().clamp_min(torch.finfo(ref.dtype).tiny)
+    return float(((o - r).abs() / spacing).max()) if o.numel() else 0.0
+
+
+# ---- 1. kernel numerics vs the reference (same rounding recipe) -------------------------------
+
+def make_inputs(dt, layout, B, S, Hq, Hk, D, rd, cos_dt):
+    g = torch.Generator(device=DEV).manual_seed(hash((layout, D, rd)) % 2**31)
+    r = lambda *s, dtype=dt: torch.randn(*s, device=DEV, dtype=dtype, generator=g)  # noqa: E731
+    if layout == "bshd_T":  # Qwen3: norm on [B,S,H,D], RoPE after transpose
+        q, k = r(B, S, Hq, D).transpose(1, 2), r(B, S, Hk, D).transpose(1, 2)
+        cos, sin = r(B, 1, S, rd, dtype=cos_dt), r(B, 1, S, rd, dtype=cos_dt)
+    elif layout == "qkv":  # strided slices of a fused projection
+        qkv = r(B, S, (Hq + 2 * Hk) * D)
+        q = qkv[..., : Hq * D].view(B, S, Hq, D)
+        k = qkv[..., Hq * D:(Hq + Hk) * D].view(B, S, Hk, D)
+        cos, sin = r(S, 1, rd, dtype=cos_dt), r(S, 1, rd, dtype=cos_dt)
+    elif layout == "bhsd":  # contiguous [B,H,S,D]
+        q, k = r(B, Hq, S, D), r(B, Hk, S, D)
+        cos, sin = r(S, rd, dtype=cos_dt), r(S, rd, dtype=cos_dt)
+    return q, k, r(D), r(D), cos, sin
+
+
+def check_kernel_numerics(quick: bool) -> None:
+    cases = []
+    dts = [torch.bfloat16, torch.float16, torch.float32]
+    for dt, D, layout in itertools.product(dts, [64, 80, 128, 256], ["bshd_T", "qkv", "bhsd"]):
+        for rd, inter, norm, offset, cast in [(D, False, "rms", 0.0, True), (D // 2, False, "rms", 1.0, False),
+                                              (D, True, "rms", 0.0, False), (D, False, "none", 0.0, False),
+                                              (0, False, "rms", 0.0, True)]:
+            cases.append((dt, D, layout, rd, inter, norm, offset, cast))
+    if quick:
+        cases = cases[::4]
+    worst = {}
+    fails = 0
+    for dt, D, layout, rd, inter, norm, offset, cast in cases:
+        for cos_dt in ([dt, torch.float32] if dt != torch.float32 else [dt]):
+            q, k, qw, kw, cos, sin = make_inputs(dt, layout, 2, 37, 8, 2, D, max(rd, 2), cos_dt)
+            if norm == "none":
+                qw = kw = None
+            if not rd:
+                cos = sin = None
+            rdt = torch.promote_types(dt, cos_dt) if rd else dt
+            rec = Recipe(norm, offset, cast and norm == "rms", dt, rdt, rdt, rd, inter)
+            qo, ko = tk.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-5, rec)
+            rq = norm_rope_reference(q, qw, cos, sin, 1e-6, rec)
+            rk = norm_rope_reference(k, kw, cos, sin, 1e-5, rec)
+            torch.cuda.synchronize()
+            e = max(ulp_err(qo, rq), ulp_err(ko, rk))
+            bad = (qo.stride() != rq.stride()) or not torch.isfinite(qo.float()).all()
+            key = (str(dt).split(".")[-1], norm, "inter" if inter else "neox", "partial" if 0 < rd < D else "full" if rd else "norope")
+            worst[key] = max(worst.get(key, 0.0), e)
+            # the kernel keeps float32 and rounds where the graph rounds: at most 1 ulp of the
+            # output dtype apart from the reference (rsqrt/division last-bit differences).
+            if e > 1.0 or bad:
+                fails += 1
+                if fails < 6:
+                    print("FAIL", key, D, layout, cos_dt, "ulp", e, "stride", qo.stride(), rq.stride())
+    for key, e in sorted(worst.items()):
+        print(f"  kernel vs reference {key}: max {e:.2f} ulp")
+    say(f"kernel numerics: {len(cases)} cases x cos dtypes, {fails} failing (> 1 ulp)")
+
+
+# ---- 2. the compiled path ---------------------------------------------------------------------
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class QwenStyle(torch.nn.Module):
+    """HF Qwen3 attention's q/k part: per-head RMSNorm, transpose, rotate_half RoPE."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.qw = torch.nn.Parameter(torch.randn(D))
+        self.kw = torch.nn.Parameter(torch.randn(D))
+        self.eps = 1e-6
+
+    @staticmethod
+    def norm(x, w, eps):
+        dt = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return w * x.to(dt)
+
+    def forward(self, q, k, cos, sin):
+        q = self.norm(q, self.qw, self.eps).transpose(1, 2)
+        k = self.norm(k, self.kw, self.eps).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def qwen_inputs(T, Hq, Hk, D, dt, B=1):
+    S = T // B
+    r = lambda *s: torch.randn(*s, device=DEV, dtype=dt)  # noqa: E731
+    return r(B, S, Hq, D), r(B, S, Hk, D), r(B, S, D), r(B, S, D)
+
+
+def check_compiled() -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    for dyn in (False, True):
+        torch._dynamo.reset()
+        m = QwenStyle(128).to(DEV, torch.bfloat16)
+        args = qwen_inputs(256, 16, 4, 128, torch.bfloat16)
+        c = torch.compile(m, backend=qkfuse.qkfuse_backend, dynamic=dyn)
+        try:
+            with torch.no_grad():
+                out, code = run_and_get_code(c, *args)
+                ref = m(*args)
+                args2 = qwen_inputs(320, 16, 4, 128, torch.bfloat16)
+                out2 = c(*args2)
+                ref2 = m(*args2)
+        except Exception:
+            traceback.print_exc()
+            say(f"compiled dynamic={dyn}: FAILED (see traceback)")
+            continue
+        src = "\n".join(code)
+        direct = "qk_norm_rope_kernel" in src and ".run(" in src
+        opaque = "torch.ops.qkfuse" in src
+        n_kernels = src.count("async_compile.triton(")
+        err = max(ulp_err(o, r) for o, r in zip(out, ref))
+        err2 = max(ulp_err(o, r) for o, r in zip(out2, ref2))
+        say(f"compiled dynamic={dyn}: direct launch={direct} opaque op={opaque} "
+            f"inductor kernels={n_kernels} max ulp vs eager {err:.1f} / 2nd shape {err2:.1f}")
+        if dyn:
+            with open(os.path.join(os.environ.get("OUT", "/tmp"), "generated_dynamic.py"), "w") as f:
+                f.write(src)
+        else:
+            with open(os.path.join(os.environ.get("OUT", "/tmp"), "generated_static.py"), "w") as f:
+                f.write(src)
+
+
+# ---- 3. quick timings -------------------------------------------------------------------------
+
+SHAPES = [  # (name, tokens, q heads, kv heads, head_dim)
+    ("decode 64", 64, 32, 8, 128),
+    ("prefill 4k", 4096, 32, 8, 128),
+    ("prefill 32k", 32768, 32, 8, 128),
+    ("DiT 4k 24/24", 4096, 24, 24, 128),
+    ("DiT 32k 40/40", 32768, 40, 40, 128),
+    ("16k hd64", 16384, 16, 16, 64),
+    ("8k hd256", 8192, 16, 8, 256),
+]
+
+
+def floor_us(T, Hq, Hk, D, dt_bytes=2, bw=4.2e12):
+    moved = (2 * T * (Hq + Hk) * D + 2 * T * D) * dt_bytes
+    return moved / bw * 1e6
+
+
+def time_shapes(quick: bool) -> None:
+    from triton.testing import do_bench
+
+    rows = []
+    for name, T, Hq, Hk, D in (SHAPES[:2] if quick else SHAPES):
+        torch._dynamo.reset()
+        m = QwenStyle(D).to(DEV, torch.bfloat16)
+        args = qwen_inputs(T, Hq, Hk, D, torch.bfloat16)
+        with torch.no_grad():
+            ind = torch.compile(m, backend="inductor")
+            qkf = torch.compile(m, backend=qkfuse.qkfuse_backend)
+            ind(*args)
+            qkf(*args)
+            t_ind = do_bench(lambda: ind(*args), warmup=50, rep=200, return_mode="median") * 1e3
+            t_qkf = do_bench(lambda: qkf(*args), warmup=50, rep=200, return_mode="median") * 1e3
+            q, k, cos, sin = args
+            qn, kn = q.transpose(1, 2), k.transpose(1, 2)
+            rec = Recipe("rms", 0.0, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, D, False)
+            c1, s1 = cos.unsqueeze(1), sin.unsqueeze(1)
+            t_raw = do_bench(lambda: tk.launch(qn, kn, m.qw, m.kw, c1, s1, 1e-6, 1e-6, rec), warmup=50, rep=200,
+                             return_mode="median") * 1e3
+        fl = floor_us(T, Hq, Hk, D)
+        rows.append((name, fl, t_ind, t_qkf, t_raw))
+    say(f"{'shape':16s} {'floor':>7s} {'inductor':>9s} {'qkfuse':>8s} {'raw':>8s} {'x ind':>6s} {'/floor':>6s}")
+    for name, fl, a, b, c in rows:
+        say(f"{name:16s} {fl:7.1f} {a:9.1f} {b:8.1f} {c:8.1f} {a / b:6.2f} {b / fl:6.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", default="")
+    a = ap.parse_args()
+    import triton
+
+    say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    t0 = time.time()
+    for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("timing", time_shapes)):
+        if name in a.skip:
+            continue
+        try:
+            fn(a.quick) if fn is not check_compiled else fn()
+        except Exception:
+            traceback.print_exc()
+            say(f"{name}: FAILED")
+        print(f"[{name} done at {time.time() - t0:.0f}s]", flush=True)
+    print("\n==== summary ====")
+    print("\n".join(SUMMARY))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""qkfuse: fuse QK-norm and RoPE in torch.compile graphs.
+
+    torch.compile(model, backend="qkfuse")      # Inductor + the qkfuse post-grad pass
+    qkfuse.optimize(hf_model)                    # regional compile of an unmodified HF model
+    @qkfuse.fuse                                 # an attention class, instance or function
+    qkfuse.explain(model, *inputs)               # what was fused, what was not and why
+"""
+
+from . import ops  # noqa: F401  (registers the qkfuse:: custom ops)
+from .backend import fuse, optimize, qkfuse_backend, register
+from .options import Options
+from .passes.manager import QKFusePass, pass_
+
+__version__ = "0.1.0"
+
+__all__ = ["Options", "QKFusePass", "fuse", "optimize", "pass_", "qkfuse_backend", "register", "__version__"]

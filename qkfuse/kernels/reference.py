@@ -1,0 +1,60 @@
+"""Plain-torch reference of the fused norm→RoPE op (the CPU kernel, and the oracle of the tests).
+
+It executes the recipe (qkfuse/ops/recipe.py) with the same torch ops, in the same dtypes, as the
+unfused HF graph does, so on CPU it returns what that graph returns (bit for bit in practice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.recipe import Recipe
+
+
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def norm_rope_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float | torch.Tensor,
+    recipe: Recipe,
+) -> torch.Tensor:
+    """One tensor's fused computation; returns a tensor laid out like ``torch.empty_like(x)``."""
+    y = x
+    if recipe.norm == "rms":
+        xf = x.to(torch.float32)
+        ms = xf.pow(2).mean(-1, keepdim=True)
+        eps_v = eps.to(torch.float32) if isinstance(eps, torch.Tensor) else eps
+        n = xf * torch.rsqrt(ms + eps_v)
+        if weight is None:
+            y = n
+        else:
+            w = weight.to(torch.float32)
+            if recipe.weight_offset:
+                w = w + recipe.weight_offset
+            if recipe.cast_before_weight:
+                n = n.to(x.dtype)
+            y = n * w if n.dtype == torch.float32 else n.float() * w
+        y = y.to(recipe.norm_dtype)
+
+    rd = recipe.rotary_dim
+    if rd:
+        rdt = recipe.rope_dtype
+        yr = y[..., :rd].to(rdt)
+        c, s = cos.to(rdt), sin.to(rdt)
+        out_r = (yr * c + _rotate(yr, recipe.interleaved) * s).to(recipe.out_dtype)
+        if rd < y.shape[-1]:
+            out_r = torch.cat((out_r, y[..., rd:].to(recipe.out_dtype)), dim=-1)
+    else:
+        out_r = y.to(recipe.out_dtype)
+
+    out = torch.empty_like(x, dtype=recipe.out_dtype)
+    out.copy_(out_r)
+    return out

@@ -1,0 +1,411 @@
+"""Triton kernel: RMSNorm + RoPE of q and k in one launch.
+
+Layout model. The launcher views each of q and k as [outer, inner, heads, head_dim] with arbitrary
+strides (last dim contiguous): "tokens" are (outer, inner) pairs, shared by q and k, and the
+per-token cos/sin row is shared by all heads. The grid is (token blocks, q head blocks + k head
+blocks): one program normalises and rotates a [BLOCK_T, BLOCK_H, head_dim] tile, loading each
+element once. A row is split into the two rotated halves (a, b) and the pass-through tail:
+
+    neox:         a = x[:rd/2],  b = x[rd/2:rd]           out_a = a*cos_a - b*sin_a
+    interleaved:  a = x[0:rd:2], b = x[1:rd:2]            out_b = b*cos_b + a*sin_b
+    tail:         x[rd:]                                   copied (after the norm)
+
+so the partner of every rotated element is in registers and no element is read twice.
+Rounding follows qkfuse/ops/recipe.py: float32 math, rounded exactly where the graph rounds.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, CODE: tl.constexpr):
+    # Round a float32 value to the dtype named by CODE (0 f32, 1 f16, 2 bf16) and back.
+    if CODE == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif CODE == 2:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scale(x, r, w, CAST_BEFORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, X_CODE: tl.constexpr,
+           Y_CODE: tl.constexpr):
+    n = x * r
+    if HAS_WEIGHT:
+        if CAST_BEFORE:
+            n = _round(n, X_CODE)
+        n = n * w
+    return _round(n, Y_CODE)
+
+
+@triton.jit
+def _rope_pair(a, b, ca, sa, cb, sb, R_CODE: tl.constexpr):
+    oa = _round(_round(a * ca, R_CODE) + _round(-b * sa, R_CODE), R_CODE)
+    ob = _round(_round(b * cb, R_CODE) + _round(a * sb, R_CODE), R_CODE)
+    return oa, ob
+
+
+@triton.jit
+def _norm_rope_tile(
+    x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, eps,
+    pid_t, hb, n_tokens, n_inner, n_heads,
+    x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT_DIM // 2
+    TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
+
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    t_outer = (t // n_inner).to(tl.int64)
+    t_inner = (t % n_inner).to(tl.int64)
+    t_ok = (t < n_tokens)[:, None, None]
+    row_mask = t_ok & (h < n_heads)[None, :, None]
+    x_row = (t_outer * x_so + t_inner * x_si)[:, None, None] + (h * x_sh)[None, :, None]
+    o_row = (t_outer * o_so + t_inner * o_si)[:, None, None] + (h * o_sh)[None, :, None]
+    if COS_PER_HEAD:
+        c_row = (t_outer * c_so + t_inner * c_si)[:, None, None] + (h * c_sh)[None, :, None]
+        s_row = (t_outer * s_so + t_inner * s_si)[:, None, None] + (h * s_sh)[None, :, None]
+        c_mask = row_mask
+    else:
+        c_row = (t_outer * c_so + t_inner * c_si)[:, None, None]
+        s_row = (t_outer * s_so + t_inner * s_si)[:, None, None]
+        c_mask = t_ok
+
+    # ---- load: each element once; a/b are the rotation partners, p the pass-through tail --
+    if ROT_DIM > 0:
+        if INTERLEAVED:
+            dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+            xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(xr, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
+        else:
+            da = tl.arange(0, HALF_PAD)[None, None, :]
+            m = row_mask & (da < HALF)
+            a = tl.load(x_ptr + x_row + da, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0).to(tl.float32)
+    if TAIL > 0:
+        dt = tl.arange(0, TAIL_PAD)[None, None, :]
+        p = tl.load(x_ptr + x_row + ROT_DIM + dt, mask=row_mask & (dt < TAIL), other=0.0).to(tl.float32)
+
+    # ---- norm ---------------------------------------------------------------------------------
+    if NORM:
+        ss = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+        if ROT_DIM > 0:
+            ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
+        if TAIL > 0:
+            ss += tl.sum(p * p, axis=2)
+        r = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, :, None]
+        if ROT_DIM > 0:
+            if INTERLEAVED:
+                wr = tl.arange(0, 2 * HALF_PAD)
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + wr, mask=wr < ROT_DIM, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                else:
+                    w = tl.zeros([2 * HALF_PAD], dtype=tl.float32)
+                wa, wb = tl.split(tl.reshape(w, [HALF_PAD, 2]))
+            else:
+                wh = tl.arange(0, HALF_PAD)
+                if HAS_WEIGHT:
+                    wa = tl.load(w_ptr + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                    wb = tl.load(w_ptr + HALF + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                else:
+                    wa = tl.zeros([HALF_PAD], dtype=tl.float32)
+                    wb = wa
+            a = _scale(a, r, wa[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+            b = _scale(b, r, wb[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+        if TAIL > 0:
+            wt_idx = tl.arange(0, TAIL_PAD)
+            if HAS_WEIGHT:
+                wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+            else:
+                wt = tl.zeros([TAIL_PAD], dtype=tl.float32)
+            p = _scale(p, r, wt[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+
+    # ---- rope + store -------------------------------------------------------------------------
+    out_ty = o_ptr.dtype.element_ty
+    if ROT_DIM > 0:
+        if INTERLEAVED:
+            dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+            cm = c_mask & (dr < ROT_DIM)
+            cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + s_row + dr, mask=cm, other=0.0).to(tl.float32)
+            if COS_PER_HEAD:
+                ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
+                sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
+            else:
+                ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, 1, HALF_PAD, 2]))
+                sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, 1, HALF_PAD, 2]))
+            oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
+            o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
+            tl.store(o_ptr + o_row + dr, o.to(out_ty), mask=row_mask & (dr < ROT_DIM))
+        else:
+            da = tl.arange(0, HALF_PAD)[None, None, :]
+            cm = c_mask & (da < HALF)
+            ca = tl.load(cos_ptr + c_row + da, mask=cm, other=0.0).to(tl.float32)
+            cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0).to(tl.float32)
+            sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0).to(tl.float32)
+            sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0).to(tl.float32)
+            oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
+            m = row_mask & (da < HALF)
+            tl.store(o_ptr + o_row + da, oa.to(out_ty), mask=m)
+            tl.store(o_ptr + o_row + HALF + da, ob.to(out_ty), mask=m)
+    if TAIL > 0:
+        dt = tl.arange(0, TAIL_PAD)[None, None, :]
+        tl.store(o_ptr + o_row + ROT_DIM + dt, p.to(out_ty), mask=row_mask & (dt < TAIL))
+
+
+@triton.jit
+def qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+    q_eps, k_eps,
+    n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
+    q_so, q_si, q_sh, k_so, k_si, k_sh,
+    qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
+    c_so, c_si, c_sh, s_so, s_si, s_sh,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Grid (cdiv(n_tokens, BLOCK_T), q_head_blocks + k_head_blocks)."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
+    # constexprs, so q's and k's strides need not have the same type.
+    is_k = False
+    if HAS_K:
+        is_k = pid_h >= q_head_blocks
+    if is_k:
+        _norm_rope_tile(
+            k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
+            n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
+            c_so, c_si, c_sh, s_so, s_si, s_sh,
+            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_PAD, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
+        )
+    else:
+        _norm_rope_tile(
+            q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
+            n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
+            c_so, c_si, c_sh, s_so, s_si, s_sh,
+            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_PAD, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from ..ops.recipe import DTYPE_CODES, Recipe  # noqa: E402
+
+
+class UnsupportedLayout(ValueError):
+    """The inputs cannot be expressed as [outer, inner, heads, head_dim] strided views."""
+
+
+def _hint(v) -> int:
+    """A concrete value for a possibly symbolic int (used for choices, never for correctness)."""
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if v.node.has_hint() else 8192
+    return int(v)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_t: int
+    block_h: int
+    num_warps: int
+
+
+_CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_configs.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table() -> dict:
+    try:
+        with open(_CONFIG_FILE) as f:
+            return json.load(f)["table"]
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def _bucket_tokens(n: int) -> int:
+    for b in (64, 256, 1024, 4096, 16384):
+        if n <= b:
+            return b
+    return 65536
+
+
+def choose_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int) -> Config:
+    """Tile shape and warps for a problem, from the committed tuning table or a heuristic."""
+    key = f"d{_next_pow2(head_dim)}_t{_bucket_tokens(n_tokens)}_h{_next_pow2(max(q_heads, k_heads))}"
+    row = _config_table().get(key)
+    if row is not None:
+        return Config(*row)
+    d_pad = _next_pow2(head_dim)
+    block_h = min(_next_pow2(min(q_heads, k_heads) if k_heads else q_heads), 8)
+    block_t = max(1, min(16, 2048 // (block_h * d_pad)))
+    return Config(block_t, block_h, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Axes:
+    outer: int | None
+    inner: int | None
+    head: int | None
+
+
+def _plan_axes(q_shape, q_stride, k_shape, cos_shape) -> _Axes:
+    """Which leading dims of q are (outer token, inner token, head); others must have size 1."""
+    lead = len(q_shape) - 1
+    dims = [d for d in range(lead) if _hint(q_shape[d]) != 1 or (k_shape is not None and _hint(k_shape[d]) != 1)]
+    head = None
+    if k_shape is not None:
+        diff = [d for d in dims if _hint(q_shape[d]) != _hint(k_shape[d])]
+        if len(diff) > 1:
+            raise UnsupportedLayout(f"q {tuple(q_shape)} and k {tuple(k_shape)} differ in more than one dim")
+        head = diff[0] if diff else None
+    if head is None and dims:
+        # Prefer a dim cos/sin broadcast over (their row is then shared by a tile), then the
+        # fastest-moving one.
+        off = lead - (len(cos_shape) - 1) if cos_shape is not None else None
+
+        def broadcast_over(d):
+            if cos_shape is None:
+                return True
+            cd = d - off
+            return cd < 0 or _hint(cos_shape[cd]) == 1
+
+        head = min(dims, key=lambda d: (not broadcast_over(d), _hint(q_stride[d])))
+    rest = sorted((d for d in dims if d != head), key=lambda d: -_hint(q_stride[d]))
+    if len(rest) > 2:
+        raise UnsupportedLayout(f"more than 3 non-trivial leading dims: {tuple(q_shape)}")
+    rest = [None] * (2 - len(rest)) + rest
+    return _Axes(rest[0], rest[1], head)
+
+
+def _strides3(t: torch.Tensor | None, lead_shape, axes: _Axes) -> tuple:
+    """Strides of t broadcast (right-aligned) to lead_shape + [last], on the three axes."""
+    if t is None:
+        return (0, 0, 0)
+    off = len(lead_shape) - (t.dim() - 1)
+    out = []
+    for d in (axes.outer, axes.inner, axes.head):
+        cd = None if d is None else d - off
+        if cd is None or cd < 0 or (t.shape[cd] == 1 and lead_shape[d] != 1):
+            out.append(0)
+        else:
+            out.append(t.stride(cd))
+    return tuple(out)
+
+
+def _size(shape, d):
+    return 1 if d is None else shape[d]
+
+
+def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, recipe: Recipe) -> str | None:
+    """None if the kernel handles these inputs, else why not."""
+    for t, name in ((q, "q"), (k, "k")):
+        if t is None:
+            continue
+        if t.dtype not in DTYPE_CODES:
+            return f"{name} dtype {t.dtype} is not float32/float16/bfloat16"
+        if t.stride(-1) != 1 and t.shape[-1] != 1:
+            return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
+    for dt in (recipe.norm_dtype, recipe.rope_dtype, recipe.out_dtype):
+        if dt not in DTYPE_CODES:
+            return f"dtype {dt} is not float32/float16/bfloat16"
+    try:
+        _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape)
+    except UnsupportedLayout as e:
+        return str(e)
+    return None
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_eps: float,
+    k_eps: float,
+    recipe: Recipe,
+    *,
+    traceable: bool = False,
+    config: Config | None = None,
+):
+    """Run the fused kernel; returns (q_out, k_out or None), laid out like torch.empty_like(q/k).
+
+    traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
+    triton_kernel_wrapper node that Inductor launches directly from its generated code.
+    """
+    q_out = torch.empty_like(q, dtype=recipe.out_dtype)
+    k_out = None if k is None else torch.empty_like(k, dtype=recipe.out_dtype)
+    axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape)
+    lead = q.shape[:-1]
+    n_inner = _size(lead, axes.inner)
+    n_tokens = _size(lead, axes.outer) * n_inner
+    q_heads = _size(lead, axes.head)
+    k_heads = 0 if k is None else _size(k.shape[:-1], axes.head)
+    head_dim = q.shape[-1]
+    if config is None:
+        config = choose_config(_hint(n_tokens), _hint(q_heads), _hint(k_heads), head_dim)
+    q_head_blocks = triton.cdiv(q_heads, config.block_h)
+    k_head_blocks = 0 if k is None else triton.cdiv(k_heads, config.block_h)
+    rd = recipe.rotary_dim
+    cos_str = _strides3(cos, lead, axes)
+    sin_str = _strides3(sin, lead, axes)
+    has_weight = q_weight is not None
+    cos_per_head = cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
+    grid = (triton.cdiv(n_tokens, config.block_t), q_head_blocks + k_head_blocks)
+    kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
+    kernel[grid](
+        q, q if k is None else k, q_out, q_out if k is None else k_out,
+        q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
+        q if cos is None else cos, q if sin is None else sin,
+        float(q_eps), float(k_eps),
+        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks,
+        *_strides3(q, lead, axes), *(_strides3(k, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
+        *_strides3(q_out, lead, axes), *(_strides3(k_out, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
+        *cos_str, *sin_str,
+        HEAD_DIM=head_dim,
+        ROT_DIM=rd,
+        HALF_PAD=_next_pow2(max(rd // 2, 1)),
+        TAIL_PAD=_next_pow2(max(head_dim - rd, 1)),
+        NORM=recipe.norm == "rms",
+        HAS_WEIGHT=has_weight,
+        WEIGHT_OFFSET=float(recipe.weight_offset),
+        CAST_BEFORE=bool(recipe.cast_before_weight),
+        X_CODE=DTYPE_CODES[q.dtype],
+        Y_CODE=DTYPE_CODES[recipe.norm_dtype],
+        R_CODE=DTYPE_CODES[recipe.rope_dtype],
+        INTERLEAVED=bool(recipe.interleaved),
+        HAS_K=k is not None,
+        COS_PER_HEAD=cos_per_head,
+        BLOCK_T=config.block_t,
+        BLOCK_H=config.block_h,
+        num_warps=config.num_warps,
+    )
+    return q_out, k_out

@@ -1,0 +1,131 @@
+"""The ``qkfuse::norm_rope`` and ``qkfuse::qk_norm_rope`` custom ops.
+
+Functional (no mutation). Outputs are laid out like ``torch.empty_like(input)`` (same stride order,
+dense), which is what every kernel returns and what the fake impls declare. The trailing arguments
+are the numerics recipe (qkfuse/ops/recipe.py), so every pattern family uses these two ops.
+
+Kernels: the plain-torch reference for CPU (and any device), the Triton kernel for CUDA. Inside
+compiled graphs on CUDA the pass does not call these ops: it splices the Triton launch itself,
+so Inductor launches the kernel directly (see qkfuse/passes/splice.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.reference import norm_rope_reference
+from .recipe import Recipe, check_inputs
+
+
+
+def _eps(value: float, tensor: Tensor | None):
+    return value if tensor is None else tensor
+
+
+@torch.library.custom_op("qkfuse::norm_rope", mutates_args=())
+def norm_rope(
+    x: Tensor,
+    weight: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    eps: float,
+    eps_tensor: Tensor | None,
+    norm: str,
+    weight_offset: float,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    rope_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    rotary_dim: int,
+    interleaved: bool,
+) -> Tensor:
+    """RMSNorm (optional) then RoPE (optional) of one tensor [..., head_dim]."""
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    check_inputs(x, weight, cos, sin, recipe)
+    return norm_rope_reference(x, weight, cos, sin, _eps(eps, eps_tensor), recipe)
+
+
+@torch.library.custom_op("qkfuse::qk_norm_rope", mutates_args=())
+def qk_norm_rope(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    q_eps: float,
+    k_eps: float,
+    q_eps_tensor: Tensor | None,
+    k_eps_tensor: Tensor | None,
+    norm: str,
+    weight_offset: float,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    rope_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    rotary_dim: int,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    """The same for q and k with one shared cos/sin: one kernel launch on CUDA."""
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    check_inputs(q, q_weight, cos, sin, recipe, "q")
+    check_inputs(k, k_weight, cos, sin, recipe, "k")
+    return (
+        norm_rope_reference(q, q_weight, cos, sin, _eps(q_eps, q_eps_tensor), recipe),
+        norm_rope_reference(k, k_weight, cos, sin, _eps(k_eps, k_eps_tensor), recipe),
+    )
+
+
+@norm_rope.register_fake
+def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
+                    norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+@qk_norm_rope.register_fake
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
+                       norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
+                       rotary_dim, interleaved):
+    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
+
+
+def _eps_value(value: float, tensor: Tensor | None) -> float:
+    return value if tensor is None else float(tensor.item())
+
+
+def _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe: Recipe):
+    from ..kernels import triton_norm_rope as tk
+
+    if tk.supports(q, k, cos, recipe) is None:
+        return tk.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe)
+    return (
+        norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
+        None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe),
+    )
+
+
+def _register_cuda_kernels() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the reference (default impl) serves CUDA too
+        return
+
+    @norm_rope.register_kernel("cuda")
+    def _norm_rope_cuda(x, weight, cos, sin, eps, eps_tensor, *recipe_args):
+        recipe = Recipe(*recipe_args)
+        check_inputs(x, weight, cos, sin, recipe)
+        e = _eps_value(eps, eps_tensor)
+        return _cuda_or_reference(x, None, weight, None, cos, sin, e, e, recipe)[0]
+
+    @qk_norm_rope.register_kernel("cuda")
+    def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
+                           *recipe_args):
+        recipe = Recipe(*recipe_args)
+        check_inputs(q, q_weight, cos, sin, recipe, "q")
+        check_inputs(k, k_weight, cos, sin, recipe, "k")
+        return _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, _eps_value(q_eps, q_eps_tensor),
+                                  _eps_value(k_eps, k_eps_tensor), recipe)
+
+
+_register_cuda_kernels()

@@ -1,0 +1,85 @@
+"""Graph surgery: trace a Python callable on the graph's fake values and splice its nodes in.
+
+This is how a replacement enters the post-grad graph. On CUDA the callable launches the Triton
+kernel through ``torch.library.wrap_triton``; traced under ``torch.func.functionalize`` it becomes
+``triton_kernel_wrapper_functional`` + getitem nodes, which Inductor lowers to a direct
+``kernel.run(...)`` in its generated code (an opaque custom-op call would cost more than the
+fusion saves). On CPU the callable just calls the ``qkfuse::`` custom op. Tracing happens in the
+graph's own fake mode, so symbolic sizes (dynamic=True) become ``sym_size`` nodes of this graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.fx import Node
+
+
+def _fake_mode(vals):
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(vals)
+
+
+def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
+    """make_fx of functionalize(fn) on fake values (those of the graph being rewritten)."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode = _fake_mode(vals)
+    with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
+        return make_fx(torch.func.functionalize(fn), tracing_mode="real")(*vals)
+
+
+def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: Node, meta_from: Node | None = None) -> list:
+    """Insert the trace of fn(*args) right after `after`; returns the nodes of its outputs."""
+    vals = [a.meta["val"] for a in args]
+    gm = trace(fn, vals)
+    env: dict = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(args):
+        raise RuntimeError(f"qkfuse: traced {len(placeholders)} inputs for {len(args)} args")
+    env.update(zip(placeholders, args))
+    outputs = None
+    stack_trace = meta_from.meta.get("stack_trace") if meta_from is not None else None
+    with graph.inserting_before(after.next):
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                outputs = torch.fx.map_arg(n.args[0], lambda x: env[x])
+                continue
+            if n.op != "call_function":
+                raise RuntimeError(f"qkfuse: cannot splice a {n.op} node ({n.format_node()})")
+            new = graph.call_function(
+                n.target,
+                torch.fx.map_arg(n.args, lambda x: env[x]),
+                torch.fx.map_arg(n.kwargs, lambda x: env[x]),
+            )
+            for key in ("val", "tensor_meta"):
+                if key in n.meta:
+                    new.meta[key] = n.meta[key]
+            if stack_trace:
+                new.meta["stack_trace"] = stack_trace
+            env[n] = new
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def add_view(graph: torch.fx.Graph, x: Node, perm: list[int], *, after: Node) -> Node:
+    """x.permute(perm) as a node (or x itself for the identity), with its fake value."""
+    if perm == list(range(len(perm))):
+        return x
+    with graph.inserting_before(after.next):
+        node = graph.call_function(torch.ops.aten.permute.default, (x, perm))
+    node.meta["val"] = x.meta["val"].permute(perm)
+    return node
+
+
+def erase_dead(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
+    """Erase the given nodes that have no users left, latest first."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
+        if not n.users and n.op == "call_function":
+            graph.erase_node(n)

@@ -1,0 +1,336 @@
+"""Canonical reading of post-grad ATen nodes: "normalise, then match once".
+
+Real attention code reaches the post-grad graph in many spellings: ``x.view`` vs ``reshape``,
+``chunk``/``split``+getitem vs slices, ``x*w`` vs ``w*x``, dtype converts present or absent
+(float32 graphs have none), eps as a literal or (dynamic=True) a 0-d tensor input, ``add.Tensor``
+vs ``add.Scalar``, ``rsqrt(v)`` vs ``pow(v, -0.5)``. The helpers here read every such spelling
+into one form, without rewriting the graph, so each pattern family matches one shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Iterator
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+INT64_MAX = 2**63 - 1
+
+
+# ---- node basics ------------------------------------------------------------------------------
+
+
+def val(n):
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def tensor_val(n) -> torch.Tensor | None:
+    v = val(n)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def dtype_of(n) -> torch.dtype | None:
+    v = tensor_val(n)
+    return None if v is None else v.dtype
+
+
+def ndim_of(n) -> int | None:
+    v = tensor_val(n)
+    return None if v is None else v.dim()
+
+
+def is_op(n, *targets) -> bool:
+    """n calls one of targets (overloads, or packets matching any overload)."""
+    if not isinstance(n, Node) or n.op != "call_function":
+        return False
+    t = n.target
+    packet = getattr(t, "overloadpacket", None)
+    return any(t is x or packet is x for x in targets)
+
+
+def static_int(v) -> int | None:
+    """v as a Python int when it is one (or a SymInt with a constant value)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, torch.SymInt):
+        try:
+            return int(v.node.maybe_as_int()) if v.node.maybe_as_int() is not None else None
+        except Exception:
+            return None
+    return None
+
+
+def same_int(a, b) -> bool:
+    """a == b, statically (symbolic ints compare by expression)."""
+    sa, sb = static_int(a), static_int(b)
+    if sa is not None and sb is not None:
+        return sa == sb
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return False
+
+
+def norm_dim(d, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def is_last_dim(d, n: Node) -> bool:
+    nd = ndim_of(n)
+    if nd is None:
+        return False
+    if isinstance(d, (list, tuple)):
+        if len(d) != 1:
+            return False
+        d = d[0]
+    return isinstance(d, int) and norm_dim(d, nd) == nd - 1
+
+
+# ---- converts ---------------------------------------------------------------------------------
+
+_CONVERTS = (prims.convert_element_type,)
+
+
+def is_convert(n) -> bool:
+    if is_op(n, prims.convert_element_type):
+        return True
+    # aten._to_copy with only a dtype change is the same thing
+    if is_op(n, aten._to_copy):
+        kw = dict(n.kwargs)
+        kw.pop("dtype", None)
+        return not kw or all(v is None for v in kw.values())
+    return False
+
+
+def strip_converts(n) -> tuple[Node, list[Node]]:
+    """Follow dtype converts up; returns (source, converts from outermost to innermost)."""
+    convs = []
+    while is_convert(n):
+        convs.append(n)
+        n = n.args[0]
+    return n, convs
+
+
+def upcast_source(n) -> Node:
+    """The node n is an exact (widening, or identity) convert of."""
+    while is_convert(n):
+        src = n.args[0]
+        if not is_widening(dtype_of(src), dtype_of(n)):
+            break
+        n = src
+    return n
+
+
+_WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def is_widening(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
+    if src is None or dst is None:
+        return False
+    if src == dst:
+        return True
+    return src in _WIDTH and dst in _WIDTH and _WIDTH[dst] > _WIDTH[src] and not (
+        src == torch.float16 and dst == torch.bfloat16
+    )
+
+
+# ---- arithmetic -------------------------------------------------------------------------------
+
+
+def binary(n, *packets) -> tuple | None:
+    """(a, b) of a Tensor/Scalar binary op with alpha == 1, else None."""
+    if not is_op(n, *packets) or len(n.args) < 2:
+        return None
+    if n.kwargs.get("alpha", 1) != 1:
+        return None
+    return n.args[0], n.args[1]
+
+
+def both_orders(pair) -> Iterator[tuple]:
+    if pair is None:
+        return
+    a, b = pair
+    yield a, b
+    if a is not b:
+        yield b, a
+
+
+def scalar_or_tensor(x) -> float | Node | None:
+    """A Python number, or a 0-d tensor node (a lifted float, e.g. eps under dynamic=True)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, Node):
+        v = tensor_val(x)
+        if v is not None and v.dim() == 0 and v.dtype.is_floating_point:
+            return strip_converts(x)[0] if dtype_of(strip_converts(x)[0]) is not None else x
+    return None
+
+
+# ---- slices of the last dim -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LastDimSlice:
+    src: Node
+    start: int
+    stop: int  # exclusive, clamped to the dim size
+    step: int
+
+
+def last_dim_slice(n) -> LastDimSlice | None:
+    """Read slice/split/chunk/unbind spellings of ``src[..., start:stop:step]``."""
+    if is_op(n, aten.slice):
+        src = n.args[0]
+        nd = ndim_of(src)
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start", None)
+        end = n.args[3] if len(n.args) > 3 else n.kwargs.get("end", None)
+        step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
+        if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) != nd - 1:
+            return None
+        size = static_int(tensor_val(src).shape[-1])
+        start = 0 if start is None else static_int(start)
+        end = size if end is None else static_int(end)
+        if size is None or start is None or end is None or static_int(step) is None:
+            return None
+        if start < 0:
+            start += size
+        if end < 0:
+            end += size
+        return LastDimSlice(src, max(0, start), min(end, size), int(step))
+    if n is not None and isinstance(n, Node) and n.op == "call_function" and n.target is operator.getitem:
+        parent, idx = n.args
+        if is_op(parent, aten.split, aten.split_with_sizes):
+            src = parent.args[0]
+            dim = parent.args[2] if len(parent.args) > 2 else parent.kwargs.get("dim", 0)
+            if not is_last_dim(dim, src):
+                return None
+            size = static_int(tensor_val(src).shape[-1])
+            sizes = parent.args[1]
+            if size is None:
+                return None
+            if isinstance(sizes, int):
+                bounds = [(i, min(i + sizes, size)) for i in range(0, size, sizes)]
+            else:
+                sizes = [static_int(s) for s in sizes]
+                if any(s is None for s in sizes):
+                    return None
+                offs = [sum(sizes[:i]) for i in range(len(sizes))]
+                bounds = list(zip(offs, [o + s for o, s in zip(offs, sizes)]))
+            if not 0 <= idx < len(bounds):
+                return None
+            return LastDimSlice(src, bounds[idx][0], bounds[idx][1], 1)
+        if is_op(parent, aten.unbind):
+            # x.reshape(..., D/2, 2).unbind(-1)[i] == x[..., i::2]
+            src = parent.args[0]
+            dim = parent.args[1] if len(parent.args) > 1 else parent.kwargs.get("dim", 0)
+            sv = tensor_val(src)
+            if sv is None or not is_last_dim(dim, src) or static_int(sv.shape[-1]) != 2:
+                return None
+            pairs = pair_split_source(src)
+            if pairs is None:
+                return None
+            d = static_int(tensor_val(pairs).shape[-1])
+            return LastDimSlice(pairs, idx, d, 2) if d is not None else None
+    return None
+
+
+def pair_split_source(n) -> Node | None:
+    """x for ``x.reshape(*x.shape[:-1], D/2, 2)``."""
+    if not is_op(n, aten.reshape, aten.view):
+        return None
+    src = n.args[0]
+    sv, nv = tensor_val(src), tensor_val(n)
+    if sv is None or nv is None or nv.dim() != sv.dim() + 1:
+        return None
+    if not all(same_int(a, b) for a, b in zip(sv.shape[:-1], nv.shape[:-2])):
+        return None
+    d = static_int(sv.shape[-1])
+    if d is None or static_int(nv.shape[-1]) != 2 or static_int(nv.shape[-2]) != d // 2:
+        return None
+    return src
+
+
+# ---- views that keep rows intact ------------------------------------------------------------
+
+
+def row_view_source(n) -> tuple[Node, list[int]] | None:
+    """Follow views that only reorder/relabel the leading dims (rows stay rows).
+
+    Returns (source, perm) with ``n == source.permute(perm)`` as values (perm keeps the last dim
+    last), or None when a view moves data across rows (the caller refuses such a site).
+    """
+    perm: list[int] | None = None
+    while True:
+        if is_op(n, aten.permute):
+            src = n.args[0]
+            p = [norm_dim(d, len(n.args[1])) for d in n.args[1]]
+            if p[-1] != len(p) - 1:
+                return None
+            perm = p if perm is None else [p[i] for i in perm]
+            n = src
+            continue
+        if is_op(n, aten.reshape, aten.view) and _same_shape(n.args[0], n):
+            n = n.args[0]
+            continue
+        break
+    nd = ndim_of(n)
+    return n, (perm if perm is not None else list(range(nd or 0)))
+
+
+def _same_shape(a, b) -> bool:
+    va, vb = tensor_val(a), tensor_val(b)
+    return (
+        va is not None
+        and vb is not None
+        and va.dim() == vb.dim()
+        and all(same_int(x, y) for x, y in zip(va.shape, vb.shape))
+    )
+
+
+# ---- graph relations --------------------------------------------------------------------------
+
+
+def depends_on(n, target: Node, limit: int = 400) -> bool:
+    """Whether n is computed from target (bounded search; unknown counts as True)."""
+    if not isinstance(n, Node):
+        return False
+    seen, stack = set(), [n]
+    while stack:
+        x = stack.pop()
+        if x is target:
+            return True
+        if x in seen:
+            continue
+        seen.add(x)
+        if len(seen) > limit:
+            return True
+        stack.extend(i for i in x.all_input_nodes)
+    return False
+
+
+_VIEW_OPS = (aten.unsqueeze, aten.reshape, aten.view, aten.expand, aten.permute, aten.slice, aten.squeeze)
+
+
+def data_identity(n):
+    """A key equal for two nodes that are views of the same data with the same layout."""
+    if not isinstance(n, Node):
+        return n
+    base = n
+    while is_op(base, *_VIEW_OPS):
+        base = base.args[0]
+    v = tensor_val(n)
+    if v is None or base is n:
+        return n
+    return (base, _hashable(v.shape), _hashable(v.stride()), _hashable([v.storage_offset()]), v.dtype)
+
+
+def _hashable(ints) -> tuple:
+    """SymInts are not hashable; their expressions are."""
+    return tuple(str(i.node.expr) if isinstance(i, torch.SymInt) else int(i) for i in ints)
