@@ -33,10 +33,13 @@ def say(msg: str) -> None:
 
 
 def ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| in units of ref's dtype spacing at |ref|."""
+    """max |out - ref| / (eps(dtype) * max |ref|): error in units of the dtype's spacing at the
+    tensor's scale (RoPE sums cancel, so per-element relative error is meaningless near 0)."""
     o, r = out.double(), ref.double()
-    spacing = torch.finfo(ref.dtype).eps * r.abs().clamp_min(torch.finfo(ref.dtype).tiny)
-    return float(((o - r).abs() / spacing).max()) if o.numel() else 0.0
+    if not o.numel():
+        return 0.0
+    scale = torch.finfo(ref.dtype).eps * float(r.abs().max().clamp_min(1e-30))
+    return float((o - r).abs().max()) / scale
 
 
 # ---- 1. kernel numerics vs the reference (same rounding recipe) -------------------------------
@@ -87,15 +90,15 @@ def check_kernel_numerics(quick: bool) -> None:
             bad = (qo.stride() != rq.stride()) or not torch.isfinite(qo.float()).all()
             key = (str(dt).split(".")[-1], norm, "inter" if inter else "neox", "partial" if 0 < rd < D else "full" if rd else "norope")
             worst[key] = max(worst.get(key, 0.0), e)
-            # the kernel keeps float32 and rounds where the graph rounds: at most 1 ulp of the
-            # output dtype apart from the reference (rsqrt/division last-bit differences).
-            if e > 1.0 or bad:
+            # the kernel keeps float32 and rounds where the graph rounds: within ~1 ulp of the
+            # output dtype at the tensor's scale (rsqrt/division last-bit differences).
+            if e > 2.0 or bad:
                 fails += 1
                 if fails < 6:
                     print("FAIL", key, D, layout, cos_dt, "ulp", e, "stride", qo.stride(), rq.stride())
     for key, e in sorted(worst.items()):
         print(f"  kernel vs reference {key}: max {e:.2f} ulp")
-    say(f"kernel numerics: {len(cases)} cases x cos dtypes, {fails} failing (> 1 ulp)")
+    say(f"kernel numerics: {len(cases)} cases x cos dtypes, {fails} failing (> 2 ulp at scale)")
 
 
 # ---- 2. the compiled path ---------------------------------------------------------------------
@@ -187,32 +190,67 @@ def floor_us(T, Hq, Hk, D, dt_bytes=2, bw=4.2e12):
     return moved / bw * 1e6
 
 
+def qwen_fn(q, k, qw, kw, cos, sin):
+    q = QwenStyle.norm(q, qw, 1e-6).transpose(1, 2)
+    k = QwenStyle.norm(k, kw, 1e-6).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 def time_shapes(quick: bool) -> None:
-    from triton.testing import do_bench
+    from torch._inductor.utils import run_and_get_code
+    from triton.testing import do_bench, do_bench_cudagraph
 
     rows = []
     for name, T, Hq, Hk, D in (SHAPES[:2] if quick else SHAPES):
         torch._dynamo.reset()
-        m = QwenStyle(D).to(DEV, torch.bfloat16)
-        args = qwen_inputs(T, Hq, Hk, D, torch.bfloat16)
+        q, k, cos, sin = qwen_inputs(T, Hq, Hk, D, torch.bfloat16)
+        qw, kw = torch.randn(D, device=DEV, dtype=torch.bfloat16), torch.randn(D, device=DEV, dtype=torch.bfloat16)
+        args = (q, k, qw, kw, cos, sin)
         with torch.no_grad():
-            ind = torch.compile(m, backend="inductor")
-            qkf = torch.compile(m, backend=qkfuse.qkfuse_backend)
-            ind(*args)
-            qkf(*args)
-            t_ind = do_bench(lambda: ind(*args), warmup=50, rep=200, return_mode="median") * 1e3
-            t_qkf = do_bench(lambda: qkf(*args), warmup=50, rep=200, return_mode="median") * 1e3
-            q, k, cos, sin = args
+            ind = torch.compile(qwen_fn, backend="inductor")
+            qkf = torch.compile(qwen_fn, backend=qkfuse.qkfuse_backend)
+            _, code_i = run_and_get_code(ind, *args)
+            _, code_q = run_and_get_code(qkf, *args)
+            nk_i = "\n".join(code_i).count(".run(")
+            nk_q = "\n".join(code_q).count(".run(")
+            e2e = lambda f: do_bench(lambda: f(*args), warmup=50, rep=300, return_mode="median") * 1e3  # noqa: E731
+            dev = lambda f: do_bench_cudagraph(lambda: f(*args), rep=300, return_mode="median") * 1e3  # noqa: E731
+            t_ind, t_qkf = e2e(ind), e2e(qkf)
+            d_ind, d_qkf = dev(ind), dev(qkf)
             qn, kn = q.transpose(1, 2), k.transpose(1, 2)
             rec = Recipe("rms", 0.0, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, D, False)
             c1, s1 = cos.unsqueeze(1), sin.unsqueeze(1)
-            t_raw = do_bench(lambda: tk.launch(qn, kn, m.qw, m.kw, c1, s1, 1e-6, 1e-6, rec), warmup=50, rep=200,
-                             return_mode="median") * 1e3
+            raw = lambda: tk.launch(qn, kn, qw, kw, c1, s1, 1e-6, 1e-6, rec)  # noqa: E731
+            t_raw = do_bench(raw, warmup=50, rep=300, return_mode="median") * 1e3
+            d_raw = do_bench_cudagraph(raw, rep=300, return_mode="median") * 1e3
         fl = floor_us(T, Hq, Hk, D)
-        rows.append((name, fl, t_ind, t_qkf, t_raw))
-    say(f"{'shape':16s} {'floor':>7s} {'inductor':>9s} {'qkfuse':>8s} {'raw':>8s} {'x ind':>6s} {'/floor':>6s}")
-    for name, fl, a, b, c in rows:
-        say(f"{name:16s} {fl:7.1f} {a:9.1f} {b:8.1f} {c:8.1f} {a / b:6.2f} {b / fl:6.2f}")
+        rows.append((name, fl, t_ind, t_qkf, t_raw, d_ind, d_qkf, d_raw, nk_i, nk_q))
+    say("e2e = do_bench per call (host overhead included); dev = CUDA-graph replay (device time)")
+    say(f"{'shape':14s} {'floor':>6s} | {'ind e2e':>7s} {'qkf e2e':>7s} {'raw e2e':>7s} | {'ind dev':>7s} "
+        f"{'qkf dev':>7s} {'raw dev':>7s} | {'x e2e':>5s} {'x dev':>5s} {'dev/fl':>6s} launches i/q")
+    for name, fl, a, b, c, da, db, dc, ni, nq in rows:
+        say(f"{name:14s} {fl:6.1f} | {a:7.1f} {b:7.1f} {c:7.1f} | {da:7.1f} {db:7.1f} {dc:7.1f} | "
+            f"{a / b:5.2f} {da / db:5.2f} {db / fl:6.2f} {ni}/{nq}")
+
+
+def check_hf() -> None:
+    from torch._dynamo.utils import counters
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    for dyn in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        m = Qwen3ForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
+        ids = torch.randint(0, 256, (2, 33), device=DEV)
+        with torch.no_grad():
+            ref = m(ids).logits
+            qkfuse.optimize(m, dynamic=dyn)
+            out = m(ids).logits
+        err = float((out.float() - ref.float()).abs().max())
+        say(f"HF Qwen3 bf16 optimize(dynamic={dyn}): max|logits diff| {err:.3g} counters {dict(counters['qkfuse'])}")
 
 
 def main():
@@ -224,11 +262,12 @@ def main():
 
     say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     t0 = time.time()
-    for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("timing", time_shapes)):
+    for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
+                     ("timing", time_shapes)):
         if name in a.skip:
             continue
         try:
-            fn(a.quick) if fn is not check_compiled else fn()
+            fn(a.quick) if fn in (check_kernel_numerics, time_shapes) else fn()
         except Exception:
             traceback.print_exc()
             say(f"{name}: FAILED")

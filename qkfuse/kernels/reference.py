@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.recipe import Recipe
+from ..ops.recipe import Recipe, new_output
 
 
 def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -26,7 +26,7 @@ def norm_rope_reference(
     eps: float | torch.Tensor,
     recipe: Recipe,
 ) -> torch.Tensor:
-    """One tensor's fused computation; returns a tensor laid out like ``torch.empty_like(x)``."""
+    """One tensor's fused computation; the output is laid out by ``new_output(x)``."""
     y = x
     if recipe.norm == "rms":
         xf = x.to(torch.float32)
@@ -55,6 +55,6 @@ def norm_rope_reference(
     else:
         out_r = y.to(recipe.out_dtype)
 
-    out = torch.empty_like(x, dtype=recipe.out_dtype)
+    out = new_output(x, recipe.out_dtype)
     out.copy_(out_r)
     return out

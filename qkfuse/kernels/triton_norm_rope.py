@@ -212,18 +212,11 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from ..ops.recipe import DTYPE_CODES, Recipe  # noqa: E402
+from ..ops.recipe import DTYPE_CODES, Recipe, _hint, new_output  # noqa: E402
 
 
 class UnsupportedLayout(ValueError):
     """The inputs cannot be expressed as [outer, inner, heads, head_dim] strided views."""
-
-
-def _hint(v) -> int:
-    """A concrete value for a possibly symbolic int (used for choices, never for correctness)."""
-    if isinstance(v, torch.SymInt):
-        return v.node.hint if v.node.has_hint() else 8192
-    return int(v)
 
 
 def _next_pow2(n: int) -> int:
@@ -356,13 +349,13 @@ def launch(
     traceable: bool = False,
     config: Config | None = None,
 ):
-    """Run the fused kernel; returns (q_out, k_out or None), laid out like torch.empty_like(q/k).
+    """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
     """
-    q_out = torch.empty_like(q, dtype=recipe.out_dtype)
-    k_out = None if k is None else torch.empty_like(k, dtype=recipe.out_dtype)
+    q_out = new_output(q, recipe.out_dtype)
+    k_out = None if k is None else new_output(k, recipe.out_dtype)
     axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape)
     lead = q.shape[:-1]
     n_inner = _size(lead, axes.inner)

@@ -1,7 +1,7 @@
 """The ``qkfuse::norm_rope`` and ``qkfuse::qk_norm_rope`` custom ops.
 
-Functional (no mutation). Outputs are laid out like ``torch.empty_like(input)`` (same stride order,
-dense), which is what every kernel returns and what the fake impls declare. The trailing arguments
+Functional (no mutation). Outputs are laid out by ``recipe.new_output(input)`` (dense, in the
+input's stride order), which is what every kernel returns and what the fake impls declare. The trailing arguments
 are the numerics recipe (qkfuse/ops/recipe.py), so every pattern family uses these two ops.
 
 Kernels: the plain-torch reference for CPU (and any device), the Triton kernel for CUDA. Inside
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.reference import norm_rope_reference
-from .recipe import Recipe, check_inputs
+from .recipe import Recipe, check_inputs, new_output
 
 
 
@@ -80,14 +80,14 @@ def qk_norm_rope(
 @norm_rope.register_fake
 def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
                     norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
-    return torch.empty_like(x, dtype=out_dtype)
+    return new_output(x, out_dtype)
 
 
 @qk_norm_rope.register_fake
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
                        norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
                        rotary_dim, interleaved):
-    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
+    return new_output(q, out_dtype), new_output(k, out_dtype)
 
 
 def _eps_value(value: float, tensor: Tensor | None) -> float:

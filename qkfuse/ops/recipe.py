@@ -102,3 +102,32 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x") -> None:
                 raise ValueError(f"qkfuse: {tname} {tuple(t.shape)} is larger than {name} {tuple(x.shape)}")
     elif recipe.norm == "none":
         raise ValueError("qkfuse: nothing to do (norm='none' and rotary_dim=0)")
+
+
+def _hint(v) -> int:
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if v.node.has_hint() else 8192
+    return int(v)
+
+
+def dense_strides(x: torch.Tensor) -> list:
+    """Dense strides in x's stride order (outermost = largest stride; ties keep dim order).
+
+    The output layout of every qkfuse kernel and fake impl. Unlike ``empty_like``, an explicit
+    layout survives Inductor's lowering (its ``empty_like`` is always contiguous, and a user
+    kernel writing a permuted output then forces a copy). Choices use size hints only, so no
+    guards are added under dynamic shapes.
+    """
+    nd = x.dim()
+    order = sorted(range(nd), key=lambda d: (-_hint(x.stride(d)), d))  # outermost first
+    strides = [0] * nd
+    acc = 1
+    for d in reversed(order):
+        strides[d] = acc
+        acc = acc * x.shape[d]
+    return strides
+
+
+def new_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The uninitialised output of a fused call on x (see dense_strides)."""
+    return torch.empty_strided(x.shape, dense_strides(x), dtype=dtype, device=x.device)

@@ -11,6 +11,7 @@ graph's own fake mode, so symbolic sizes (dynamic=True) become ``sym_size`` node
 from __future__ import annotations
 
 import contextlib
+import unittest.mock
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,7 +30,12 @@ def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     mode = _fake_mode(vals)
-    with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
+    # A 0-d eps tensor (dynamic=True lifts module floats to CPU inputs) is read with .item() by the
+    # GPU launchers: an unbacked float in the graph, which Inductor reads on the host per call.
+    scalars = contextlib.nullcontext()
+    if getattr(mode, "shape_env", None) is not None and hasattr(mode, "allow_scalar_outputs"):
+        scalars = unittest.mock.patch.object(mode, "allow_scalar_outputs", True)
+    with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher(), scalars:
         return make_fx(torch.func.functionalize(fn), tracing_mode="real")(*vals)
 
 
@@ -58,7 +64,7 @@ def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: 
                 torch.fx.map_arg(n.args, lambda x: env[x]),
                 torch.fx.map_arg(n.kwargs, lambda x: env[x]),
             )
-            for key in ("val", "tensor_meta"):
+            for key in ("val", "tensor_meta", "unbacked_bindings"):
                 if key in n.meta:
                     new.meta[key] = n.meta[key]
             if stack_trace:
