@@ -32,13 +32,14 @@ def say(msg: str) -> None:
     SUMMARY.append(msg)
 
 
-def ulp_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / (eps(dtype) * max |ref|): error in units of the dtype's spacing at the
-    tensor's scale (RoPE sums cancel, so per-element relative error is meaningless near 0)."""
+def ulp_err(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    """max |out - ref| / (eps(dtype) * max |ref|): error in units of `dtype`'s spacing at the
+    tensor's scale (RoPE sums cancel, so per-element relative error is meaningless near 0).
+    `dtype` is the coarsest rounding of the computation (default: the output's)."""
     o, r = out.double(), ref.double()
     if not o.numel():
         return 0.0
-    scale = torch.finfo(ref.dtype).eps * float(r.abs().max().clamp_min(1e-30))
+    scale = torch.finfo(dtype or ref.dtype).eps * float(r.abs().max().clamp_min(1e-30))
     return float((o - r).abs().max()) / scale
 
 
@@ -86,7 +87,7 @@ def check_kernel_numerics(quick: bool) -> None:
             rq = norm_rope_reference(q, qw, cos, sin, 1e-6, rec)
             rk = norm_rope_reference(k, kw, cos, sin, 1e-5, rec)
             torch.cuda.synchronize()
-            e = max(ulp_err(qo, rq), ulp_err(ko, rk))
+            e = max(ulp_err(qo, rq, dt), ulp_err(ko, rk, dt))
             bad = (qo.stride() != rq.stride()) or not torch.isfinite(qo.float()).all()
             key = (str(dt).split(".")[-1], norm, "inter" if inter else "neox", "partial" if 0 < rd < D else "full" if rd else "norope")
             worst[key] = max(worst.get(key, 0.0), e)

@@ -83,16 +83,17 @@ def _norm_rope_tile(
     if ROT_DIM > 0:
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
-            xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0).to(tl.float32)
+            xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0, eviction_policy="evict_first").to(tl.float32)
             a, b = tl.split(tl.reshape(xr, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
         else:
             da = tl.arange(0, HALF_PAD)[None, None, :]
             m = row_mask & (da < HALF)
-            a = tl.load(x_ptr + x_row + da, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0).to(tl.float32)
+            a = tl.load(x_ptr + x_row + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if TAIL > 0:
         dt = tl.arange(0, TAIL_PAD)[None, None, :]
-        p = tl.load(x_ptr + x_row + ROT_DIM + dt, mask=row_mask & (dt < TAIL), other=0.0).to(tl.float32)
+        p = tl.load(x_ptr + x_row + ROT_DIM + dt, mask=row_mask & (dt < TAIL), other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
 
     # ---- norm ---------------------------------------------------------------------------------
     if NORM:
@@ -101,7 +102,8 @@ def _norm_rope_tile(
             ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
         if TAIL > 0:
             ss += tl.sum(p * p, axis=2)
-        r = tl.math.rsqrt(ss / HEAD_DIM + eps)[:, :, None]
+        # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
+        r = tl.math.rsqrt(ss / HEAD_DIM + tl.cast(eps, tl.float32))[:, :, None]
         if ROT_DIM > 0:
             if INTERLEAVED:
                 wr = tl.arange(0, 2 * HALF_PAD)
@@ -134,8 +136,8 @@ def _norm_rope_tile(
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             cm = c_mask & (dr < ROT_DIM)
-            cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + s_row + dr, mask=cm, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            sin = tl.load(sin_ptr + s_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             if COS_PER_HEAD:
                 ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
                 sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
@@ -148,10 +150,10 @@ def _norm_rope_tile(
         else:
             da = tl.arange(0, HALF_PAD)[None, None, :]
             cm = c_mask & (da < HALF)
-            ca = tl.load(cos_ptr + c_row + da, mask=cm, other=0.0).to(tl.float32)
-            cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0).to(tl.float32)
-            sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0).to(tl.float32)
-            sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0).to(tl.float32)
+            ca = tl.load(cos_ptr + c_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
             m = row_mask & (da < HALF)
             tl.store(o_ptr + o_row + da, oa.to(out_ty), mask=m)
@@ -165,7 +167,7 @@ def _norm_rope_tile(
 def qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     q_eps, k_eps,
-    n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
+    n_tokens, n_inner, q_heads, k_heads, q_head_blocks, head_blocks,
     q_so, q_si, q_sh, k_so, k_si, k_sh,
     qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
     c_so, c_si, c_sh, s_so, s_si, s_sh,
@@ -175,9 +177,11 @@ def qk_norm_rope_kernel(
     INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Grid (cdiv(n_tokens, BLOCK_T), q_head_blocks + k_head_blocks)."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then
+    k's) varies fastest, so neighbouring programs read neighbouring memory of one token block."""
+    pid = tl.program_id(0)
+    pid_t = pid // head_blocks
+    pid_h = pid % head_blocks
     # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
     # constexprs, so q's and k's strides need not have the same type.
     is_k = False
@@ -249,12 +253,25 @@ def _bucket_tokens(n: int) -> int:
     return 65536
 
 
-def choose_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int) -> Config:
-    """Tile shape and warps for a problem, from the committed tuning table or a heuristic."""
-    key = f"d{_next_pow2(head_dim)}_t{_bucket_tokens(n_tokens)}_h{_next_pow2(max(q_heads, k_heads))}"
-    row = _config_table().get(key)
-    if row is not None:
-        return Config(*row)
+def bucket_key(n_tokens: int, q_heads: int, k_heads: int, head_dim: int) -> str:
+    return f"d{_next_pow2(head_dim)}_t{_bucket_tokens(n_tokens)}_h{_next_pow2(q_heads + k_heads)}"
+
+
+def choose_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int, use_table: bool = True) -> Config:
+    """Tile shape and warps: the committed tuning table (benchmarks/tune_triton.py) for the
+    shape's bucket, the nearest tuned token bucket, or a heuristic."""
+    if use_table:
+        table = _config_table()
+        key = bucket_key(n_tokens, q_heads, k_heads, head_dim)
+        row = table.get(key)
+        if row is None:  # nearest tuned token bucket with the same head_dim / heads
+            prefix, suffix = key.split("_t")[0], key.split("_h")[-1]
+            tuned = [(abs(int(k.split("_t")[1].split("_h")[0]).bit_length() - _bucket_tokens(n_tokens).bit_length()), k)
+                     for k in table if k.startswith(prefix + "_t") and k.endswith("_h" + suffix)]
+            if tuned:
+                row = table[min(tuned)[1]]
+        if row is not None:
+            return Config(*row)
     d_pad = _next_pow2(head_dim)
     block_h = min(_next_pow2(min(q_heads, k_heads) if k_heads else q_heads), 8)
     block_t = max(1, min(16, 2048 // (block_h * d_pad)))
@@ -310,6 +327,11 @@ def _strides3(t: torch.Tensor | None, lead_shape, axes: _Axes) -> tuple:
         else:
             out.append(t.stride(cd))
     return tuple(out)
+
+
+def _as_float(v):
+    # An unbacked SymFloat (tensor eps read with .item() under tracing) must stay symbolic.
+    return v if isinstance(v, torch.SymFloat) else float(v)
 
 
 def _size(shape, d):
@@ -372,14 +394,15 @@ def launch(
     sin_str = _strides3(sin, lead, axes)
     has_weight = q_weight is not None
     cos_per_head = cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
-    grid = (triton.cdiv(n_tokens, config.block_t), q_head_blocks + k_head_blocks)
+    head_blocks = q_head_blocks + k_head_blocks
+    grid = (triton.cdiv(n_tokens, config.block_t) * head_blocks,)
     kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     kernel[grid](
         q, q if k is None else k, q_out, q_out if k is None else k_out,
         q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
         q if cos is None else cos, q if sin is None else sin,
-        float(q_eps), float(k_eps),
-        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks,
+        _as_float(q_eps), _as_float(k_eps),
+        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks, head_blocks,
         *_strides3(q, lead, axes), *(_strides3(k, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
         *_strides3(q_out, lead, axes), *(_strides3(k_out, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
         *cos_str, *sin_str,
