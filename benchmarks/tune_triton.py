@@ -25,21 +25,21 @@ from qkfuse.kernels import triton_norm_rope as tk  # noqa: E402
 from qkfuse.kernels.reference import norm_rope_reference  # noqa: E402
 from qkfuse.ops.recipe import Recipe  # noqa: E402
 
-TOKENS = [64, 1024, 4096, 16384, 65536]
+TOKENS = [64, 1024, 4096, 32768]
 HEAD_DIMS = [64, 128, 256]
 HEADS = [(32, 8), (16, 16)]
-BT = [1, 2, 4, 8, 16]
-BH = [1, 2, 4, 8, 16, 32]
-WARPS = [1, 2, 4, 8]
+BT = [1, 2, 4, 8]
+BH = [2, 4, 8, 16, 32]
+WARPS = [2, 4, 8]
 
 
 def candidates(D, Hq, Hk):
     d_pad = tk._next_pow2(D)
     for bt, bh, w in itertools.product(BT, BH, WARPS):
         elems = bt * bh * d_pad
-        if bh > tk._next_pow2(max(Hq, Hk)) or not 512 <= elems <= 16384:
+        if bh > tk._next_pow2(max(Hq, Hk)) or not 1024 <= elems <= 8192:
             continue
-        if elems // (32 * w) < 4 or elems // (32 * w) > 128:  # 4..128 elements per thread
+        if not 8 <= elems // (32 * w) <= 64:  # elements per thread
             continue
         yield tk.Config(bt, bh, w)
 
