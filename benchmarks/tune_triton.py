@@ -30,7 +30,7 @@ HEAD_DIMS = [64, 128, 256]
 HEADS = [(32, 8), (16, 16)]
 BT = [1, 2, 4, 8]
 BH = [2, 4, 8, 16, 32]
-WARPS = [2, 4, 8]
+WARPS = [1, 2, 4, 8]
 
 
 def candidates(D, Hq, Hk):
@@ -39,7 +39,7 @@ def candidates(D, Hq, Hk):
         elems = bt * bh * d_pad
         if bh > tk._next_pow2(max(Hq, Hk)) or not 1024 <= elems <= 8192:
             continue
-        if not 8 <= elems // (32 * w) <= 64:  # elements per thread
+        if not 16 <= elems // (32 * w) <= 128:  # elements per thread
             continue
         yield tk.Config(bt, bh, w)
 
@@ -59,10 +59,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(tk.__file__), "triton_configs.json"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--heads", default="", help="e.g. 40/40,8/8: tune only these head counts, merged into --out")
+    ap.add_argument("--tokens", default="")
+    ap.add_argument("--dims", default="")
     a = ap.parse_args()
     rec = Recipe("rms", 0.0, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, 0, False)
     table, measured = {}, {}
-    shapes = list(itertools.product(TOKENS, HEAD_DIMS, HEADS))
+    heads = [tuple(map(int, h.split("/"))) for h in a.heads.split(",")] if a.heads else HEADS
+    tokens = [int(t) for t in a.tokens.split(",")] if a.tokens else TOKENS
+    dims = [int(d) for d in a.dims.split(",")] if a.dims else HEAD_DIMS
+    if a.heads and os.path.exists(a.out):  # merge into the committed table
+        with open(a.out) as f:
+            old = json.load(f)
+        table, measured = old.get("table", {}), old.get("measured", {})
+    shapes = list(itertools.product(tokens, dims, heads))
     if a.quick:
         shapes = shapes[::5]
     for T, D, (Hq, Hk) in shapes:
@@ -96,7 +106,7 @@ def main():
         moved = (2 * T * (Hq + Hk) * D + 2 * T * D) * 2
         print(f"{key:22s} T={T:6d} {Hq:2d}/{Hk:2d} D={D:3d}: best {best} {t_best:8.1f} us "
               f"({moved / t_best / 1e6:6.0f} GB/s); heuristic {default} {t_default:8.1f} us", flush=True)
-        if key not in table or t_best < measured[key]["us"]:
+        if key not in table or a.heads or t_best < measured[key]["us"]:
             table[key] = [best.block_t, best.block_h, best.num_warps]
             measured[key] = {"us": round(t_best, 2), "gbps": round(moved / t_best / 1e3, 1),
                              "heuristic_us": round(t_default, 2), "shape": [T, Hq, Hk, D]}

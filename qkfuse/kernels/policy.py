@@ -47,7 +47,7 @@ def _measured() -> dict:
 
 
 def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None,
-           recipe: Recipe) -> tuple[str | None, str]:
+           recipe: Recipe, tensor_eps: bool = False) -> tuple[str | None, str]:
     """(kernel or None, note). None means: leave the site unfused, note says why."""
     if preference not in KERNEL_CHOICES:
         raise ValueError(f"qkfuse.kernels must be one of {KERNEL_CHOICES}, got {preference!r}")
@@ -57,7 +57,8 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     if preference == "flashinfer":
         from . import flashinfer as fi
 
-        reason = fi.unsupported(q, k, cos, recipe)
+        fi.require()
+        reason = "eps is a tensor (flashinfer takes a float)" if tensor_eps else fi.unsupported(q, k, cos, recipe)
         if reason is not None:
             return None, f"flashinfer: {reason}"
         return "flashinfer", "flashinfer"
@@ -70,7 +71,7 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    if preference == "auto" and _flashinfer_measured_faster(q, k, recipe):
+    if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 
         if fi.unsupported(q, k, cos, recipe) is None:

@@ -43,6 +43,7 @@ def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: 
     """Insert the trace of fn(*args) right after `after`; returns the nodes of its outputs."""
     vals = [a.meta["val"] for a in args]
     gm = trace(fn, vals)
+    shape_env = getattr(_fake_mode(vals), "shape_env", None)
     env: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
@@ -67,6 +68,13 @@ def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: 
             for key in ("val", "tensor_meta", "unbacked_bindings"):
                 if key in n.meta:
                     new.meta[key] = n.meta[key]
+            if "unbacked_bindings" not in new.meta and shape_env is not None:
+                # e.g. the float read from a 0-d eps tensor: bind its fresh symbol to this node
+                from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+                bindings = compute_unbacked_bindings(shape_env, new.meta.get("val"))
+                if bindings:
+                    new.meta["unbacked_bindings"] = bindings
             if stack_trace:
                 new.meta["stack_trace"] = stack_trace
             env[n] = new
