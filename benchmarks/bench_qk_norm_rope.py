@@ -363,6 +363,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="main,extra,sweep")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     import triton
 
@@ -376,7 +378,7 @@ def main():
         except Exception:
             with_fi = False
     groups = a.shapes.split(",")
-    cases = [c for c in MAIN + EXTRA + SWEEP if c.group in groups]
+    cases = [c for c in MAIN + EXTRA + SWEEP if c.group in groups and a.only in c.name]
     bw = copy_bandwidth()
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
@@ -388,7 +390,7 @@ def main():
         print(f"[{time.time() - t0:5.0f}s] {c.name}: " +
               ", ".join(f"{k} {v:.1f}/{rows[-1]['dev_us'].get(k, float('nan')):.1f}" for k, v in rows[-1]["us"].items()),
               flush=True)
-    dirs = [RESULTS] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+    dirs = ([] if a.no_write else [RESULTS]) + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
     write(rows, meta, dirs)
 
 
