@@ -235,6 +235,38 @@ def time_shapes(quick: bool) -> None:
             f"{a / b:5.2f} {da / db:5.2f} {db / fl:6.2f} {ni}/{nq}")
 
 
+def profile_host() -> None:
+    """Where the host time of one compiled call goes (cProfile over 300 calls)."""
+    import cProfile
+    import pstats
+
+    T, Hq, Hk, D = 4096, 32, 8, 128
+    q, k, cos, sin = qwen_inputs(T, Hq, Hk, D, torch.bfloat16)
+    qw, kw = torch.randn(D, device=DEV, dtype=torch.bfloat16), torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    args = (q, k, qw, kw, cos, sin)
+    for name, backend in (("inductor", "inductor"), ("qkfuse", qkfuse.qkfuse_backend)):
+        torch._dynamo.reset()
+        f = torch.compile(qwen_fn, backend=backend)
+        with torch.no_grad():
+            for _ in range(20):
+                f(*args)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(300):
+                f(*args)
+            host = (time.perf_counter() - t0) / 300 * 1e6
+            torch.cuda.synchronize()
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(300):
+                f(*args)
+            pr.disable()
+            torch.cuda.synchronize()
+        say(f"host per call (no sync) {name}: {host:.1f} us")
+        st = pstats.Stats(pr)
+        st.sort_stats("tottime").print_stats(8)
+
+
 def check_hf() -> None:
     from torch._dynamo.utils import counters
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -264,7 +296,7 @@ def main():
     say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     t0 = time.time()
     for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
-                     ("timing", time_shapes)):
+                     ("profile", profile_host), ("timing", time_shapes)):
         if name in a.skip:
             continue
         try:

@@ -20,6 +20,7 @@ from .passes.manager import QKFusePass
 log = logging.getLogger("qkfuse")
 
 _HOOK = "post_grad_custom_pre_pass"
+_STATIC_LAUNCH = "static_launch_user_defined_triton_kernels"
 
 
 class _ComposedPass:
@@ -76,6 +77,10 @@ def qkfuse_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None
     if isinstance(user_pass, QKFusePass):  # already ours (e.g. set globally): keep its user pass
         user_pass = user_pass.user_pass
     patches[_HOOK] = QKFusePass(ours, user_pass)
+    # Launch our Triton kernel with Inductor's C++ static launcher, as Inductor's own kernels are:
+    # Triton's Python launcher costs tens of microseconds per call for a kernel with many args.
+    if _STATIC_LAUNCH in inductor_config.get_config_copy():
+        patches.setdefault(_STATIC_LAUNCH, True)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

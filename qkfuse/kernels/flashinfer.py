@@ -43,11 +43,6 @@ def require() -> None:
 # ---- custom ops --------------------------------------------------------------------------------
 
 
-def _as_3d(x: Tensor) -> Tensor:
-    """x [..., H, D] as a [T, H, D] view (no copy); raises if the token dims do not merge."""
-    return x.view(-1, x.shape[-2], x.shape[-1]) if x.dim() != 3 else x
-
-
 @torch.library.custom_op("qkfuse::fi_rmsnorm", mutates_args=())
 def fi_rmsnorm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     """flashinfer RMSNorm of [T, H, D] (or [T, D]) rows; ``gemma`` multiplies by (1 + w)."""
@@ -126,41 +121,63 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
     return None
 
 
-def _tokens_first(x: Tensor) -> Tensor:
-    """x permuted so its dims run outermost to innermost in memory, heads last but one."""
-    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d))
-    return x.permute(*order, x.dim() - 1)
+@torch.library.custom_op("qkfuse::fi_norm_rope", mutates_args=())
+def fi_norm_rope(q: Tensor, k: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
+                 cos_sin_cache: Tensor | None, positions: Tensor | None, q_eps: float, k_eps: float,
+                 norm: bool, gemma: bool, is_neox: bool) -> list[Tensor]:
+    """Functional composite for compiled graphs: flashinfer RMSNorm of q and k [T, H, D] into fresh
+    outputs, then flashinfer RoPE in place on those outputs (no extra copies)."""
+    import flashinfer
+
+    outs = []
+    for x, w, eps in ((q, q_weight, q_eps), (k, k_weight, k_eps)):
+        if x is None:
+            continue
+        if norm:
+            weight = w if w is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+            outs.append(fi_rmsnorm(x, weight, eps, gemma))
+        else:
+            y = new_output(x, x.dtype)
+            y.copy_(x)
+            outs.append(y)
+    if cos_sin_cache is not None:
+        n_tok = q.shape[0]
+        yk = outs[1] if len(outs) > 1 else torch.empty(n_tok, 1, q.shape[-1], dtype=q.dtype, device=q.device)
+        flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(
+            positions, outs[0].view(n_tok, -1), yk.view(n_tok, -1), q.shape[-1], cos_sin_cache, is_neox)
+    return outs
+
+
+@fi_norm_rope.register_fake
+def _(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, norm, gemma, is_neox):
+    return [new_output(x, x.dtype) for x in (q, k) if x is not None]
+
+
+def _token_order(x: Tensor) -> list[int]:
+    """x's leading dims from outermost to innermost in memory (the last one is the head dim)."""
+    return sorted(range(x.dim() - 1), key=lambda d: -x.stride(d))
 
 
 def norm_rope_call(t: dict, q_eps: float, k_eps: float, recipe: Recipe):
-    """The fused computation on flashinfer kernels: RMSNorm per tensor, then one RoPE call."""
+    """The fused computation on flashinfer kernels, as traced into a compiled graph."""
     q, k = t["q"], t["k"]
-    outs = []
-    for x, w, eps in ((q, t["q_weight"], q_eps), (k, t["k_weight"], k_eps)):
-        if x is None:
-            continue
-        xt = _tokens_first(x)
-        if recipe.norm == "rms":
-            weight = w if w is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-            y = torch.ops.qkfuse.fi_rmsnorm(_as_3d(xt).contiguous() if recipe.weight_offset else _as_3d(xt),
-                                            weight, eps, bool(recipe.weight_offset))
-        else:
-            y = _as_3d(xt).clone()
-        outs.append((x, xt, y))
+    views = []
+    for x in (q, k):
+        if x is not None:
+            order = _token_order(x)
+            xt = x.permute(*order, x.dim() - 1)
+            views.append((order, xt.shape, xt.reshape(-1, xt.shape[-2], xt.shape[-1])))
+    cache = pos = None
     if recipe.rotary_dim:
         cache = _cos_sin_cache(t["cos"], t["sin"], q, recipe)
-        n_tok = cache.shape[0]
-        pos = torch.arange(n_tok, device=q.device, dtype=torch.int64)
-        yq = outs[0][2]
-        # flashinfer rotates q and k together; a lone q gets a one-head scratch k
-        yk = outs[1][2] if len(outs) > 1 else torch.empty(n_tok, 1, q.shape[-1], dtype=q.dtype, device=q.device)
-        torch.ops.qkfuse.fi_rope_cos_sin_cache_(pos, yq.view(n_tok, -1), yk.view(n_tok, -1), q.shape[-1], cache,
-                                                not recipe.interleaved)
+        pos = torch.arange(cache.shape[0], device=q.device, dtype=torch.int64)
+    ys = torch.ops.qkfuse.fi_norm_rope(
+        views[0][2], views[1][2] if k is not None else None, t["q_weight"], t["k_weight"], cache, pos,
+        q_eps, k_eps, recipe.norm == "rms", bool(recipe.weight_offset), not recipe.interleaved)
     results = []
-    for x, xt, y in outs:
-        out = new_output(x, recipe.out_dtype)
-        _tokens_first(out).copy_(y.view(xt.shape))
-        results.append(out)
+    for (order, shape, _), y in zip(views, ys):
+        inverse = [order.index(d) for d in range(len(order))] + [len(order)]
+        results.append(y.view(shape).permute(inverse))
     return tuple(results)
 
 
@@ -168,7 +185,7 @@ def _cos_sin_cache(cos: Tensor, sin: Tensor, q: Tensor, recipe: Recipe) -> Tenso
     """[tokens, rotary_dim] float32 cos|sin rows in q's token order (see module docstring)."""
     rd = recipe.rotary_dim
     lead = q.shape[:-1]
-    order = sorted(range(q.dim() - 1), key=lambda d: -q.stride(d))
+    order = _token_order(q)
     head_dim = order[-1]
 
     def per_token(c):

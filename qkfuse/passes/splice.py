@@ -36,14 +36,17 @@ def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
     if getattr(mode, "shape_env", None) is not None and hasattr(mode, "allow_scalar_outputs"):
         scalars = unittest.mock.patch.object(mode, "allow_scalar_outputs", True)
     with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher(), scalars:
-        return make_fx(torch.func.functionalize(fn), tracing_mode="real")(*vals)
+        gm = make_fx(torch.func.functionalize(fn), tracing_mode="real")(*vals)
+    # e.g. a second .item() of the same eps tensor: memoised, unused, and without the symbol
+    # binding Inductor needs on every scalar node
+    gm.graph.eliminate_dead_code()
+    return gm
 
 
 def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: Node, meta_from: Node | None = None) -> list:
     """Insert the trace of fn(*args) right after `after`; returns the nodes of its outputs."""
     vals = [a.meta["val"] for a in args]
     gm = trace(fn, vals)
-    shape_env = getattr(_fake_mode(vals), "shape_env", None)
     env: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
@@ -68,13 +71,6 @@ def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: 
             for key in ("val", "tensor_meta", "unbacked_bindings"):
                 if key in n.meta:
                     new.meta[key] = n.meta[key]
-            if "unbacked_bindings" not in new.meta and shape_env is not None:
-                # e.g. the float read from a 0-d eps tensor: bind its fresh symbol to this node
-                from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
-
-                bindings = compute_unbacked_bindings(shape_env, new.meta.get("val"))
-                if bindings:
-                    new.meta["unbacked_bindings"] = bindings
             if stack_trace:
                 new.meta["stack_trace"] = stack_trace
             env[n] = new
