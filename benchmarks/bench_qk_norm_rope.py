@@ -360,6 +360,9 @@ def write(rows, meta, out_dirs):
 
 
 def main():
+    # Every variant is compiled fresh: a cache hit would skip the pass (and its fired-counter check).
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="main,extra,sweep")
     ap.add_argument("--no-flashinfer", action="store_true")

@@ -263,8 +263,24 @@ def profile_host() -> None:
             pr.disable()
             torch.cuda.synchronize()
         say(f"host per call (no sync) {name}: {host:.1f} us")
-        st = pstats.Stats(pr)
-        st.sort_stats("tottime").print_stats(8)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), f"profile_{name}.txt"), "w") as fh:
+            pstats.Stats(pr, stream=fh).sort_stats("tottime").print_stats(25)
+
+
+def check_static_launch() -> None:
+    """Does Inductor launch our kernel with its static launcher? (strict mode raises the reason)"""
+    from torch._inductor import config as ic
+
+    say(f"static_launch_user_defined_triton_kernels in config: {hasattr(ic, 'static_launch_user_defined_triton_kernels')}")
+    torch._dynamo.reset()
+    args = qwen_inputs(256, 16, 4, 128, torch.bfloat16)
+    qw = torch.randn(128, device=DEV, dtype=torch.bfloat16)
+    try:
+        with ic.patch({"strict_static_cuda_launcher": True, "fx_graph_cache": False}):
+            torch.compile(qwen_fn, backend=qkfuse.qkfuse_backend)(args[0], args[1], qw, qw, args[2], args[3])
+        say("static launch: ok (strict mode did not raise)")
+    except Exception as e:
+        say(f"static launch refused: {type(e).__name__}: {str(e)[:300]}")
 
 
 def check_hf() -> None:
@@ -296,7 +312,7 @@ def main():
     say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     t0 = time.time()
     for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
-                     ("profile", profile_host), ("timing", time_shapes)):
+                     ("static", check_static_launch), ("profile", profile_host), ("timing", time_shapes)):
         if name in a.skip:
             continue
         try:

@@ -25,8 +25,10 @@ def _fake_mode(vals):
 
 
 def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
-    """make_fx of functionalize(fn) on fake values (those of the graph being rewritten)."""
+    """make_fx of functionalize(fn) on fake values (those of the graph being rewritten), decomposed
+    as Inductor's post-grad graphs are."""
     from torch._dispatch.python import enable_python_dispatcher
+    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
     mode = _fake_mode(vals)
@@ -36,7 +38,8 @@ def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
     if getattr(mode, "shape_env", None) is not None and hasattr(mode, "allow_scalar_outputs"):
         scalars = unittest.mock.patch.object(mode, "allow_scalar_outputs", True)
     with mode if mode is not None else contextlib.nullcontext(), enable_python_dispatcher(), scalars:
-        gm = make_fx(torch.func.functionalize(fn), tracing_mode="real")(*vals)
+        # Inductor's decompositions: the spliced ops must be ones its post-grad lowering takes
+        gm = make_fx(torch.func.functionalize(fn), select_decomp_table(), tracing_mode="real")(*vals)
     # e.g. a second .item() of the same eps tensor: memoised, unused, and without the symbol
     # binding Inductor needs on every scalar node
     gm.graph.eliminate_dead_code()
