@@ -8,9 +8,13 @@
 
 from . import ops  # noqa: F401  (registers the qkfuse:: custom ops)
 from .backend import fuse, optimize, qkfuse_backend, register
+from .explain import Report, explain
 from .options import Options
 from .passes.manager import QKFusePass, pass_
 
 __version__ = "0.1.0"
 
-__all__ = ["Options", "QKFusePass", "fuse", "optimize", "pass_", "qkfuse_backend", "register", "__version__"]
+__all__ = [
+    "Options", "QKFusePass", "Report", "explain", "fuse", "optimize", "pass_", "qkfuse_backend", "register",
+    "__version__",
+]

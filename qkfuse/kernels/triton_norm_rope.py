@@ -53,7 +53,8 @@ def _norm_rope_tile(
     x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, eps,
     pid_t, hb, n_tokens, n_inner, n_heads,
     x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
-    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr,
@@ -78,33 +79,43 @@ def _norm_rope_tile(
         c_row = (t_outer * c_so + t_inner * c_si)[:, None, None]
         s_row = (t_outer * s_so + t_inner * s_si)[:, None, None]
         c_mask = t_ok
+    # The pass-through tail x[rot:] is walked in chunks as wide as a rotated half, so every tile
+    # of the row has one shape (and one register layout: no shared-memory layout conversions).
+    dc = tl.arange(0, TAIL_CHUNK)[None, None, :]
 
-    # ---- load: each element once; a/b are the rotation partners, p the pass-through tail --
+    # ---- pass 1: load the rotated part; sum of squares over the whole row ---------------------
     if ROT_DIM > 0:
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
-            xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0, eviction_policy="evict_first").to(tl.float32)
+            xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
             a, b = tl.split(tl.reshape(xr, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
         else:
             da = tl.arange(0, HALF_PAD)[None, None, :]
             m = row_mask & (da < HALF)
             a = tl.load(x_ptr + x_row + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
             b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    if TAIL > 0:
-        dt = tl.arange(0, TAIL_PAD)[None, None, :]
-        p = tl.load(x_ptr + x_row + ROT_DIM + dt, mask=row_mask & (dt < TAIL), other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-
-    # ---- norm ---------------------------------------------------------------------------------
     if NORM:
         ss = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
         if ROT_DIM > 0:
             ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
-        if TAIL > 0:
+        if N_TAIL == 1:
+            p = tl.load(x_ptr + x_row + ROT_DIM + dc, mask=row_mask & (dc < TAIL), other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
             ss += tl.sum(p * p, axis=2)
+        else:
+            for i in tl.static_range(N_TAIL):  # read again in pass 2 (from L1/L2)
+                pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc,
+                             mask=row_mask & (dc + i * TAIL_CHUNK < TAIL), other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+                ss += tl.sum(pc * pc, axis=2)
         # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
         r = tl.math.rsqrt(ss / HEAD_DIM + tl.cast(eps, tl.float32))[:, :, None]
-        if ROT_DIM > 0:
+
+    # ---- rotated part: norm, RoPE, store --------------------------------------------------
+    out_ty = o_ptr.dtype.element_ty
+    if ROT_DIM > 0:
+        if NORM:
             if INTERLEAVED:
                 wr = tl.arange(0, 2 * HALF_PAD)
                 if HAS_WEIGHT:
@@ -122,17 +133,6 @@ def _norm_rope_tile(
                     wb = wa
             a = _scale(a, r, wa[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
             b = _scale(b, r, wb[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-        if TAIL > 0:
-            wt_idx = tl.arange(0, TAIL_PAD)
-            if HAS_WEIGHT:
-                wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-            else:
-                wt = tl.zeros([TAIL_PAD], dtype=tl.float32)
-            p = _scale(p, r, wt[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-
-    # ---- rope + store -------------------------------------------------------------------------
-    out_ty = o_ptr.dtype.element_ty
-    if ROT_DIM > 0:
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             cm = c_mask & (dr < ROT_DIM)
@@ -158,9 +158,23 @@ def _norm_rope_tile(
             m = row_mask & (da < HALF)
             tl.store(o_ptr + o_row + da, oa.to(out_ty), mask=m)
             tl.store(o_ptr + o_row + HALF + da, ob.to(out_ty), mask=m)
-    if TAIL > 0:
-        dt = tl.arange(0, TAIL_PAD)[None, None, :]
-        tl.store(o_ptr + o_row + ROT_DIM + dt, p.to(out_ty), mask=row_mask & (dt < TAIL))
+
+    # ---- pass 2 over the tail: norm and store ---------------------------------------------
+    for i in tl.static_range(N_TAIL):
+        mt = row_mask & (dc + i * TAIL_CHUNK < TAIL)
+        if N_TAIL == 1 and NORM:
+            pc = p
+        else:
+            pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc, mask=mt, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+        if NORM:
+            wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
+            if HAS_WEIGHT:
+                wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+            else:
+                wt = tl.zeros([TAIL_CHUNK], dtype=tl.float32)
+            pc = _scale(pc, r, wt[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+        tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty), mask=mt)
 
 
 @triton.jit
@@ -171,7 +185,8 @@ def qk_norm_rope_kernel(
     q_so, q_si, q_sh, k_so, k_si, k_sh,
     qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
     c_so, c_si, c_sh, s_so, s_si, s_sh,
-    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr,
@@ -192,7 +207,7 @@ def qk_norm_rope_kernel(
             k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
             n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh,
-            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_PAD, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
         )
     else:
@@ -200,7 +215,7 @@ def qk_norm_rope_kernel(
             q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh,
-            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_PAD, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
         )
 
@@ -395,6 +410,8 @@ def launch(
     has_weight = q_weight is not None
     cos_per_head = cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
     head_blocks = q_head_blocks + k_head_blocks
+    # tail chunks as wide as a rotated half (one register layout); the whole row without RoPE
+    tail_chunk = _next_pow2(max(rd // 2, 1)) if rd else _next_pow2(head_dim)
     grid = (triton.cdiv(n_tokens, config.block_t) * head_blocks,)
     kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     kernel[grid](
@@ -409,7 +426,8 @@ def launch(
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),
-        TAIL_PAD=_next_pow2(max(head_dim - rd, 1)),
+        TAIL_CHUNK=tail_chunk,
+        N_TAIL=triton.cdiv(head_dim - rd, tail_chunk),
         NORM=recipe.norm == "rms",
         HAS_WEIGHT=has_weight,
         WEIGHT_OFFSET=float(recipe.weight_offset),
