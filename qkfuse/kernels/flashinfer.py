@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..ops.recipe import Recipe, new_output
+from . import KernelUnavailable
 
 INSTALL_HINT = "pip install 'qkfuse[flashinfer]' (flashinfer-python, CUDA only)"
 
@@ -37,7 +38,7 @@ def available() -> bool:
 
 def require() -> None:
     if not available():
-        raise RuntimeError(f"qkfuse.kernels='flashinfer' needs flashinfer: {INSTALL_HINT}")
+        raise KernelUnavailable(f"qkfuse.kernels='flashinfer' needs flashinfer: {INSTALL_HINT}")
 
 
 # ---- custom ops --------------------------------------------------------------------------------

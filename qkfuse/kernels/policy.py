@@ -17,12 +17,9 @@ import os
 import torch
 
 from ..ops.recipe import Recipe
+from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference")
-
-
-class KernelUnavailable(RuntimeError):
-    """An explicitly requested kernel cannot run here (one-line reason)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +44,8 @@ def _measured() -> dict:
 
 
 def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None,
-           recipe: Recipe, tensor_eps: bool = False) -> tuple[str | None, str]:
+           recipe: Recipe, tensor_eps: bool = False, sin: torch.Tensor | None = None,
+           q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None) -> tuple[str | None, str]:
     """(kernel or None, note). None means: leave the site unfused, note says why."""
     if preference not in KERNEL_CHOICES:
         raise ValueError(f"qkfuse.kernels must be one of {KERNEL_CHOICES}, got {preference!r}")
@@ -68,7 +66,7 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
         return None, "triton is not installed; site left to Inductor"
     from . import triton_norm_rope as tk
 
-    reason = tk.supports(q, k, cos, recipe)
+    reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight)
     if reason is not None:
         return None, f"triton kernel: {reason}"
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):

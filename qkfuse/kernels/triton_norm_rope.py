@@ -353,14 +353,21 @@ def _size(shape, d):
     return 1 if d is None else shape[d]
 
 
-def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, recipe: Recipe) -> str | None:
-    """None if the kernel handles these inputs, else why not."""
+def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, recipe: Recipe,
+             sin: torch.Tensor | None = None, q_weight: torch.Tensor | None = None,
+             k_weight: torch.Tensor | None = None) -> str | None:
+    """None if the kernel computes these inputs exactly, else why not."""
     for t, name in ((q, "q"), (k, "k")):
         if t is None:
             continue
         if t.dtype not in DTYPE_CODES:
             return f"{name} dtype {t.dtype} is not float32/float16/bfloat16"
         if t.stride(-1) != 1 and t.shape[-1] != 1:
+            return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
+    if k is not None and k.dtype != q.dtype:
+        return f"q ({q.dtype}) and k ({k.dtype}) differ in dtype"
+    for t, name in ((cos, "cos"), (sin, "sin"), (q_weight, "q weight"), (k_weight, "k weight")):
+        if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1:
             return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
     for dt in (recipe.norm_dtype, recipe.rope_dtype, recipe.out_dtype):
         if dt not in DTYPE_CODES:

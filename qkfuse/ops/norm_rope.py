@@ -80,6 +80,8 @@ def qk_norm_rope(
 @norm_rope.register_fake
 def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
                     norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
+    check_inputs(x, weight, cos, sin, Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype,
+                                             out_dtype, rotary_dim, interleaved))
     return new_output(x, out_dtype)
 
 
@@ -87,6 +89,9 @@ def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, c
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
                        norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
                        rotary_dim, interleaved):
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    check_inputs(q, q_weight, cos, sin, recipe, "q")
+    check_inputs(k, k_weight, cos, sin, recipe, "k")
     return new_output(q, out_dtype), new_output(k, out_dtype)
 
 
@@ -97,7 +102,7 @@ def _eps_value(value: float, tensor: Tensor | None) -> float:
 def _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe: Recipe):
     from ..kernels import triton_norm_rope as tk
 
-    if tk.supports(q, k, cos, recipe) is None:
+    if tk.supports(q, k, cos, recipe, sin, q_weight, k_weight) is None:
         return tk.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe)
     return (
         norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),

@@ -103,12 +103,14 @@ def _groups_to_try(group, options: Options):
     cos_v = tensor_val(group[0].cos)
     vals = [_op_input_val(s) for s in group]
     tensor_eps = any(isinstance(s.eps, torch.fx.Node) for s in group)
+    sin_v = tensor_val(group[0].sin)
+    weights = [tensor_val(s.weight) for s in group]
     kernel, note = policy.choose(options.kernels, vals[0], vals[1] if len(vals) > 1 else None, cos_v,
-                                 group[0].recipe, tensor_eps)
+                                 group[0].recipe, tensor_eps, sin_v, weights[0], weights[1] if len(weights) > 1 else None)
     if kernel is not None or len(group) == 1:
         return [(group, kernel, note)]
     out = []
     for s, v in zip(group, vals):
-        k1, n1 = policy.choose(options.kernels, v, None, cos_v, s.recipe, tensor_eps)
+        k1, n1 = policy.choose(options.kernels, v, None, cos_v, s.recipe, tensor_eps, sin_v, tensor_val(s.weight))
         out.append(((s,), k1, n1))
     return out

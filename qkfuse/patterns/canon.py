@@ -108,18 +108,23 @@ def is_convert(n) -> bool:
     return False
 
 
+def is_copy(n) -> bool:
+    """A dtype convert, or a clone (layout only; torch.rms_norm's decomposition adds one)."""
+    return is_convert(n) or is_op(n, aten.clone)
+
+
 def strip_converts(n) -> tuple[Node, list[Node]]:
-    """Follow dtype converts up; returns (source, converts from outermost to innermost)."""
+    """Follow converts and clones up; returns (source, those nodes from outermost to innermost)."""
     convs = []
-    while is_convert(n):
+    while is_copy(n):
         convs.append(n)
         n = n.args[0]
     return n, convs
 
 
 def upcast_source(n) -> Node:
-    """The node n is an exact (widening, or identity) convert of."""
-    while is_convert(n):
+    """The node n is an exact copy of: through widening converts and clones."""
+    while is_copy(n):
         src = n.args[0]
         if not is_widening(dtype_of(src), dtype_of(n)):
             break
@@ -261,7 +266,7 @@ def pair_split_source(n) -> Node | None:
 
 
 def row_view_source(n) -> tuple[Node, list[int]] | None:
-    """Follow views that only reorder/relabel the leading dims (rows stay rows).
+    """Follow views (and clones) that only reorder/relabel the leading dims (rows stay rows).
 
     Returns (source, perm) with ``n == source.permute(perm)`` as values (perm keeps the last dim
     last), or None when a view moves data across rows (the caller refuses such a site).
@@ -277,6 +282,9 @@ def row_view_source(n) -> tuple[Node, list[int]] | None:
             n = src
             continue
         if is_op(n, aten.reshape, aten.view) and _same_shape(n.args[0], n):
+            n = n.args[0]
+            continue
+        if is_op(n, aten.clone):  # layout only (e.g. torch.rms_norm on a transposed view)
             n = n.args[0]
             continue
         break

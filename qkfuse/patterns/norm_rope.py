@@ -222,10 +222,10 @@ def _normalized(n: Node):
             nodes += [v, m, sq]
             nodes += [c for c in (xf, xf2) if c is not x]
             for c in (xf, xf2):  # chains of widening converts between x and xf
-                c = c.args[0] if canon.is_convert(c) else None
+                c = c.args[0] if canon.is_copy(c) else None
                 while c is not None and c is not x:
                     nodes.append(c)
-                    c = c.args[0] if canon.is_convert(c) else None
+                    c = c.args[0] if canon.is_copy(c) else None
             if isinstance(e, Node) and e is not eps:
                 pass  # the convert of a tensor eps stays with the leaves
             return x, eps, nodes, e
@@ -302,8 +302,9 @@ def match_rms_norm(y: Node) -> NormMatch:
             raise Refused("weight depends on the normalised tensor")
         x_dtype = dtype_of(x)
         cast_before = False
-        if n_convs:
-            if len(n_convs) != 1 or dtype_of(n_convs[0]) != x_dtype:
+        casts = [c for c in n_convs if canon.is_convert(c)]  # (clones only copy)
+        if casts:
+            if len(casts) != 1 or dtype_of(casts[0]) != x_dtype:
                 raise Refused("normalised value is cast to a dtype other than the input's")
             cast_before = x_dtype != torch.float32
         prod = dtype_of(node)

@@ -1,0 +1,31 @@
+"""qkfuse.optimize on an unmodified Hugging Face model: each decoder layer is compiled with the
+qkfuse backend (regional compilation: one compile serves every layer), in place.
+
+A tiny Qwen3ForCausalLM with random weights (built from a config, nothing is downloaded).
+"""
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import qkfuse
+
+torch.manual_seed(0)
+config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+model = Qwen3ForCausalLM(config).eval()
+input_ids = torch.randint(0, config.vocab_size, (1, 16))
+
+with torch.no_grad():
+    expected = model(input_ids).logits
+    qkfuse.optimize(model)
+    logits = model(input_ids).logits  # compiles
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids)
+
+calls = sum(e.name == "qkfuse::qk_norm_rope" for e in prof.events())
+if calls != config.num_hidden_layers:
+    raise SystemExit(f"FAILED: qkfuse::qk_norm_rope ran {calls} time(s) in one forward, "
+                     f"expected once per layer ({config.num_hidden_layers})")
+print(f"ok hf_optimize: logits match eager, qkfuse::qk_norm_rope ran once in each of the {calls} layers")
