@@ -23,11 +23,16 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles from scratch (Dynamo caches per code object)."""
-    torch._dynamo.reset()
+def _fresh_compiles():
+    """Each test compiles from scratch: Dynamo caches per code object, and an FX-graph or AOT
+    cache hit skips the post-grad passes (so the pass would not run and its counters stay 0).
+    The caches themselves are tested in fresh processes (tests/test_cache.py)."""
     from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
 
+    torch._dynamo.reset()
     counters.clear()
-    yield
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
