@@ -359,6 +359,24 @@ def write(rows, meta, out_dirs):
     print(text)
 
 
+def write_policy(rows):
+    """kernels/policy.json: per shape bucket, whether flashinfer beat the Triton path (device time).
+    qkfuse.kernels="auto" reads it (kernels/policy.py)."""
+    from qkfuse.kernels.triton_norm_rope import _bucket_tokens
+
+    faster = {}
+    for r in rows:
+        fi, tr = r["dev_us"].get("flashinfer"), r["dev_us"].get("qkfuse")
+        if fi is None or tr is None:
+            continue
+        key = f"d{r['head_dim']}_t{_bucket_tokens(r['tokens'])}"
+        faster[key] = bool(faster.get(key, False) or fi < tr)
+    path = os.path.join(os.path.dirname(__file__), "..", "qkfuse", "kernels", "policy.json")
+    with open(path, "w") as f:
+        json.dump({"note": "written by benchmarks/bench_qk_norm_rope.py from measured device times",
+                   "flashinfer_faster": faster}, f, indent=1, sort_keys=True)
+
+
 def main():
     # Every variant is compiled fresh: a cache hit would skip the pass (and its fired-counter check).
     torch._inductor.config.fx_graph_cache = False
@@ -368,7 +386,14 @@ def main():
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--merge", nargs="+", help="re-render these result JSONs (from several runs) as one")
     a = ap.parse_args()
+    if a.merge:
+        docs = [json.load(open(f)) for f in a.merge]
+        rows = [r for d in docs for r in d["rows"]]
+        write(rows, docs[0]["meta"], [RESULTS])
+        write_policy(rows)
+        return
     import triton
 
     fi_version = "not installed"
