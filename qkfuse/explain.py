@@ -47,8 +47,8 @@ def explain(model_or_fn, *args, dynamic: bool | None = None, options: dict | Non
     """Compile ``model_or_fn`` with the qkfuse backend, run it on the inputs, and report every
     candidate site: family, shapes, dtype, fused or refused and why.
 
-    The compile bypasses the FX graph cache (a cache hit would skip the pass) and does not
-    change ``model_or_fn``; it runs under ``torch.no_grad()``.
+    The compile bypasses the FX graph and AOT caches (a cache hit would skip the pass) and does not
+    change ``model_or_fn``; it runs under ``torch.no_grad()`` (the pass targets inference graphs).
     """
     from torch._inductor import config as inductor_config
 
@@ -60,11 +60,14 @@ def explain(model_or_fn, *args, dynamic: bool | None = None, options: dict | Non
         graphs.append(gm)
         return qkfuse_backend(gm, example_inputs, options=options, **kw)
 
-    patches = inductor_config.patch({"fx_graph_cache": False, "force_disable_caches": True})
+    patches = inductor_config.patch({"fx_graph_cache": False})
     compiled = torch.compile(model_or_fn, backend=backend, dynamic=dynamic)
     with collect() as records, patches, torch.no_grad(), _no_autograd_cache():
         compiled(*args, **kwargs)
-    return Report(list(records), len(graphs))
+    # number graphs 0, 1, ... in this report (the pass numbers them process-wide)
+    ids = {g: i for i, g in enumerate(dict.fromkeys(r.graph for r in records))}
+    sites = [dataclasses.replace(r, graph=ids[r.graph]) for r in records]
+    return Report(sites, len(graphs))
 
 
 @contextlib.contextmanager

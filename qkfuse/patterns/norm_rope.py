@@ -97,6 +97,15 @@ def _rotation(n: Node):
     return None
 
 
+def _symbolic_rotation(n: Node) -> bool:
+    """cat(-x[..., h:], x[..., :h]) whose slice bounds are symbolic (head_dim dynamic)."""
+    n_src = canon.strip_converts(n)[0]
+    if not is_op(n_src, aten.cat) or len(n_src.args[0]) != 2 or not is_op(n_src.args[0][0], aten.neg):
+        return False
+    hi, lo = n_src.args[0][0].args[0], n_src.args[0][1]
+    return is_op(hi, aten.slice) and is_op(lo, aten.slice) and hi.args[0] is lo.args[0]
+
+
 def match_rope(add: Node) -> RopeMatch:
     """Read ``add`` as the RoPE output; raises Refused."""
     pair = canon.binary(add, aten.add)
@@ -116,6 +125,10 @@ def match_rope(add: Node) -> RopeMatch:
                 if not isinstance(x_in, Node) or canon.upcast_source(x_in) is not canon.upcast_source(src):
                     continue
                 return _finish_rope(add, src, x_in, cos, sin, interleaved, [cos_term, sin_term, *rot_nodes])
+    operands = [o for t in (pair[0], pair[1]) if is_op(t, aten.mul) for o in t.args[:2] if isinstance(o, Node)]
+    if any(_symbolic_rotation(o) for o in operands):
+        raise Refused("head_dim is symbolic (dynamic shapes on the projection's last dim); "
+                      "mark it static, e.g. torch._dynamo.mark_static(x, -1)")
     raise Refused("add is not x*cos + rotate_half(x)*sin")
 
 
@@ -417,8 +430,8 @@ def candidates(graph: torch.fx.Graph):
             continue
         a, b = n.args[:2]
         if is_op(a, aten.mul) and is_op(b, aten.mul):
-            ops = [*a.args[:2], *b.args[:2]]
-            if any(isinstance(o, Node) and _rotation(o) is not None for o in ops):
+            ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
+            if any(_rotation(o) is not None or _symbolic_rotation(o) for o in ops):
                 yield n
 
 
