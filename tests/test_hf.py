@@ -85,3 +85,29 @@ def test_compile_regions_picks_decoder_layers():
 def test_optimize_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         qkfuse.optimize(lambda x: x)
+
+
+@pytest.mark.slow
+def test_optimize_diffusers_flux():
+    """Unmodified diffusers Flux: single-stream blocks fuse (torch rms_norm + interleaved RoPE with
+    float32 cos/sin); double-stream blocks concatenate text and image q between norm and RoPE and
+    are left to Inductor, with that reason."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    eager = copy.deepcopy(model)
+    kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+              img_ids=torch.randn(16, 3), txt_ids=torch.zeros(8, 3))
+    report = qkfuse.explain(model, **kw)
+    assert len(report.fused) == 2 * 2  # q and k of both single-stream blocks
+    assert all("concatenation" in r.reason for r in report.refused) and len(report.refused) == 2
+    with torch.no_grad():
+        qkfuse.optimize(model)
+        out, ref = model(**kw).sample, eager(**kw).sample
+        assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(**kw)
+    assert sum(1 for e in prof.events() if e.name == "qkfuse::qk_norm_rope") == 2  # one per single block

@@ -325,6 +325,8 @@ def match_rms_norm(y: Node) -> NormMatch:
             raise Refused(f"weight product in {prod}")
         return _finish_norm(x, weight, offset, cast_before, eps, e, _rounding(prod, final_convs),
                             [*final_convs, node, *n_convs, *nodes], leaves)
+    if is_op(y, aten.cat):
+        raise Refused("RoPE input is a concatenation (e.g. text and image tokens), not one norm output")
     raise Refused("no RMSNorm (x * rsqrt(mean(x^2) + eps) [* w]) feeds this RoPE")
 
 
