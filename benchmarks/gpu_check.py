@@ -283,6 +283,33 @@ def check_static_launch() -> None:
         say(f"static launch refused: {type(e).__name__}: {str(e)[:300]}")
 
 
+def check_cudagraphs() -> None:
+    """mode="reduce-overhead": per-call time, cudagraph skips and re-recordings, both backends."""
+    from torch._dynamo.utils import counters
+
+    for T in (4096, 32768):
+        q, k, cos, sin = qwen_inputs(T, 32, 8, 128, torch.bfloat16)
+        qw, kw = torch.randn(128, device=DEV, dtype=torch.bfloat16), torch.randn(128, device=DEV, dtype=torch.bfloat16)
+        args = (q, k, qw, kw, cos, sin)
+        for a in args:
+            torch._dynamo.mark_static_address(a)
+        for name, backend in (("inductor", "inductor"), ("qkfuse", qkfuse.qkfuse_backend)):
+            torch._dynamo.reset()
+            counters.clear()
+            f = torch.compile(qwen_fn, backend=backend, mode="reduce-overhead")
+            with torch.no_grad():
+                for _ in range(10):
+                    f(*args)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    f(*args)
+                torch.cuda.synchronize()
+            per_call = (time.perf_counter() - t0) / 200 * 1e6
+            cg = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+            say(f"reduce-overhead T={T} {name}: {per_call:.1f} us/call (200 calls, synced once) {cg}")
+
+
 def check_hf() -> None:
     from torch._dynamo.utils import counters
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -312,7 +339,8 @@ def main():
     say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     t0 = time.time()
     for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
-                     ("static", check_static_launch), ("profile", profile_host), ("timing", time_shapes)):
+                     ("static", check_static_launch), ("profile", profile_host), ("cg", check_cudagraphs),
+                     ("timing", time_shapes)):
         if name in a.skip:
             continue
         try:
