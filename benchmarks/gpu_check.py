@@ -310,6 +310,39 @@ def check_cudagraphs() -> None:
             say(f"reduce-overhead T={T} {name}: {per_call:.1f} us/call (200 calls, synced once) {cg}")
 
 
+def compiled_vs_raw() -> None:
+    """Same kernel, same config: device time inside Inductor's code vs a direct launch."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from triton.testing import do_bench_cudagraph
+
+    for T, H in ((32768, 40), (32768, 32)):
+        torch._dynamo.reset()
+        q, k, cos, sin = qwen_inputs(T, H, H if H == 40 else 8, 128, torch.bfloat16)
+        qw, kw = torch.randn(128, device=DEV, dtype=torch.bfloat16), torch.randn(128, device=DEV, dtype=torch.bfloat16)
+        args = (q, k, qw, kw, cos, sin)
+        f = torch.compile(qwen_fn, backend=qkfuse.qkfuse_backend)
+        with torch.no_grad():
+            _, code = run_and_get_code(f, *args)
+            src = "\n".join(code)
+            consts = re.search(r"'constants': (\{[^}]*\})", src)
+            confs = re.search(r"configs=(\[[^\]]*\])", src)
+            rec = Recipe("rms", 0.0, True, torch.bfloat16, torch.bfloat16, torch.bfloat16, 128, False)
+            qt, kt, c1, s1 = q.transpose(1, 2), k.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)
+            cfg = tk.choose_config(T, H, kt.shape[1], 128)
+            t_c = do_bench_cudagraph(lambda: f(*args), rep=200, return_mode="median") * 1e3
+            t_r = do_bench_cudagraph(lambda: tk.launch(qt, kt, qw, kw, c1, s1, 1e-6, 1e-6, rec), rep=200,
+                                     return_mode="median") * 1e3
+            for st in (1, 2, 3):
+                t_s = do_bench_cudagraph(lambda: tk.launch(qt, kt, qw, kw, c1, s1, 1e-6, 1e-6, rec, config=cfg,
+                                                           num_stages=st), rep=200, return_mode="median") * 1e3
+                say(f"  T={T} H={H} raw num_stages={st}: {t_s:.1f} us")
+        say(f"T={T} H={H}: compiled {t_c:.1f} us, raw {t_r:.1f} us, table config {cfg}")
+        say(f"  inductor launch configs {confs.group(1) if confs else '?'}; constants "
+            f"{consts.group(1)[-120:] if consts else '?'}")
+
+
 def check_hf() -> None:
     from torch._dynamo.utils import counters
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -340,6 +373,7 @@ def main():
     t0 = time.time()
     for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
                      ("static", check_static_launch), ("profile", profile_host), ("cg", check_cudagraphs),
+                     ("craw", compiled_vs_raw),
                      ("timing", time_shapes)):
         if name in a.skip:
             continue

@@ -392,6 +392,7 @@ def launch(
     *,
     traceable: bool = False,
     config: Config | None = None,
+    num_stages: int | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -448,5 +449,6 @@ def launch(
         BLOCK_T=config.block_t,
         BLOCK_H=config.block_h,
         num_warps=config.num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return q_out, k_out
