@@ -339,6 +339,8 @@ def compiled_vs_raw() -> None:
                                                            num_stages=st), rep=200, return_mode="median") * 1e3
                 say(f"  T={T} H={H} raw num_stages={st}: {t_s:.1f} us")
         say(f"T={T} H={H}: compiled {t_c:.1f} us, raw {t_r:.1f} us, table config {cfg}")
+        runs = [ln.strip()[:160] for ln in src.splitlines() if ".run(" in ln or "extern_kernels" in ln]
+        say(f"  launches in the compiled graph: {len(runs)}: " + " | ".join(runs))
         say(f"  inductor launch configs {confs.group(1) if confs else '?'}; constants "
             f"{consts.group(1)[-120:] if consts else '?'}")
 
