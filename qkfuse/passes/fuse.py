@@ -77,9 +77,7 @@ def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     for group in norm_rope.pair_sites(sites):
-        for sub in _groups_to_try(group, options):
-            kernel, note = sub[1], sub[2]
-            grp = sub[0]
+        for grp, kernel, note in _groups_to_try(group, options):
             if kernel is None:
                 for s in grp:
                     record(s, False, note)

@@ -164,7 +164,7 @@ def _finish_rope(add, src, x_in, cos, sin, interleaved, nodes) -> RopeMatch:
         interior.append(anchor)
         out_dtype = dtype_of(anchor)
     # Partial rotary: y = x[..., :rd] rotated, then cat with x[..., rd:].
-    full_src, full_rd = y, rd
+    full_src = y
     sl = canon.last_dim_slice(y)
     if sl is not None and sl.start == 0 and sl.step == 1 and len(anchor.users) == 1:
         cat = next(iter(anchor.users))
@@ -177,7 +177,7 @@ def _finish_rope(add, src, x_in, cos, sin, interleaved, nodes) -> RopeMatch:
                     raise Refused("partial rotary: pass-through part has another dtype than the rotated part")
                 interior += [y, parts[1], cat]
                 anchor, full_src = cat, sl.src
-    return RopeMatch(anchor, full_src, cos, sin, full_rd, interleaved, rope_dtype, out_dtype, interior)
+    return RopeMatch(anchor, full_src, cos, sin, rd, interleaved, rope_dtype, out_dtype, interior)
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------
@@ -196,7 +196,10 @@ class NormMatch:
 
 
 def _normalized(n: Node):
-    """(x, eps, nodes) for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)`` with xf = float(x)."""
+    """(x, eps, nodes, eps_expr) for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)``, xf = float(x).
+
+    eps is a float or the 0-d tensor node it comes from; eps_expr is the add's operand (a convert
+    of that tensor, which joins the leaves)."""
     pair = canon.binary(n, aten.mul)
     if pair is None or dtype_of(n) != torch.float32:
         return None
@@ -239,8 +242,6 @@ def _normalized(n: Node):
                 while c is not None and c is not x:
                     nodes.append(c)
                     c = c.args[0] if canon.is_copy(c) else None
-            if isinstance(e, Node) and e is not eps:
-                pass  # the convert of a tensor eps stays with the leaves
             return x, eps, nodes, e
     return None
 
