@@ -90,13 +90,16 @@ def test_opcheck_norm_rope(case):
     recipe, q, _, qw, _, cos, sin, q_eps_t, _ = _op_inputs(case)
     # All of opcheck's default test_utils apply (schema, autograd registration, fake tensor,
     # AOT dispatch with dynamic shapes): str/dtype/bool/float args are all schema-legal.
-    torch.library.opcheck(norm_rope, (q, qw, cos, sin, 1e-6, q_eps_t, *recipe.op_args()))
+    result = torch.library.opcheck(norm_rope, (q, qw, cos, sin, 1e-6, q_eps_t, *recipe.op_args()))
+    assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
 def test_opcheck_qk_norm_rope(case):
     recipe, q, k, qw, kw, cos, sin, q_eps_t, k_eps_t = _op_inputs(case)
-    torch.library.opcheck(qk_norm_rope, (q, k, qw, kw, cos, sin, 1e-6, 1e-5, q_eps_t, k_eps_t, *recipe.op_args()))
+    result = torch.library.opcheck(qk_norm_rope, (q, k, qw, kw, cos, sin, 1e-6, 1e-5, q_eps_t, k_eps_t,
+                                                  *recipe.op_args()))
+    assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
 # ---- values and eps ------------------------------------------------------------------------------

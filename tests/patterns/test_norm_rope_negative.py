@@ -68,7 +68,8 @@ def test_norm_over_another_dim_is_refused():
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "mean is not over the last dim"}, fused=1)
+    run = check(fn, inputs(), {"q": "mean is not over the last dim"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_eps_outside_the_sqrt_is_refused():
@@ -83,7 +84,8 @@ def test_eps_outside_the_sqrt_is_refused():
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "no RMSNorm"}, fused=1)
+    run = check(fn, inputs(), {"q": "no RMSNorm"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_variance_in_low_precision_is_refused():
@@ -96,7 +98,8 @@ def test_variance_in_low_precision_is_refused():
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "no RMSNorm"}, fused=1)
+    run = check(fn, inputs(), {"q": "no RMSNorm"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_gemma_offset_in_bf16_is_refused():
@@ -110,7 +113,8 @@ def test_gemma_offset_in_bf16_is_refused():
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "(offset + w) computed in torch.bfloat16"}, fused=1)
+    run = check(fn, inputs(), {"q": "(offset + w) computed in torch.bfloat16"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_per_head_weight_matrix_is_refused():
@@ -122,7 +126,8 @@ def test_per_head_weight_matrix_is_refused():
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "weight is not a 1-D tensor"}, fused=1)
+    run = check(fn, inputs(), {"q": "weight is not a 1-D tensor"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_cos_that_depends_on_q_is_refused():
@@ -133,7 +138,8 @@ def test_cos_that_depends_on_q_is_refused():
         cq = c * qn.mean()  # data-dependent "cos"
         return rope(qn, cq, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "depends on the rotated tensor"}, fused=1)
+    run = check(fn, inputs(), {"q": "depends on the rotated tensor"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_cos_of_another_shape_is_refused():
@@ -146,7 +152,8 @@ def test_cos_of_another_shape_is_refused():
         c1 = c[..., :1]
         return rope(qn, c1, s), rope(kn, c, s)
 
-    check(fn, inputs(), {"q": "last dim 1 != rotated dim"}, fused=1)
+    run = check(fn, inputs(), {"q": "last dim 1 != rotated dim"}, fused=1)
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
 def test_opposite_rotate_sign_convention_is_not_a_rope_candidate():
@@ -175,7 +182,8 @@ def test_family_switch(families, fused):
         return rope(qn, c, s), rope(kn, c, s)
 
     expect = {} if fused else {"q": "disabled"}
-    check(fn, inputs(), expect, fused=fused, options=Options(families=families))
+    run = check(fn, inputs(), expect, fused=fused, options=Options(families=families))
+    assert run.count("qkfuse.qk_norm_rope") == (1 if fused else 0)
 
 
 def test_disabled_pass_changes_nothing():
