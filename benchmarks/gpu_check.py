@@ -345,6 +345,33 @@ def compiled_vs_raw() -> None:
             f"{consts.group(1)[-120:] if consts else '?'}")
 
 
+def check_cache_mode() -> None:
+    """vLLM-style cos/sin cache + positions: numerics vs the reference, device time vs cos/sin tensors."""
+    from triton.testing import do_bench_cudagraph
+
+    from qkfuse.kernels.reference import cos_sin_from_cache
+
+    T, Hq, Hk, D = 4096, 32, 8, 128
+    for interleaved, rd in ((False, 128), (True, 128), (False, 64)):
+        q = torch.randn(T, Hq, D, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(T, Hk, D, device=DEV, dtype=torch.bfloat16)
+        qw, kw = torch.randn(D, device=DEV, dtype=torch.bfloat16), torch.randn(D, device=DEV, dtype=torch.bfloat16)
+        angle = torch.rand(8192, rd // 2, device=DEV) * 6.3
+        cache = torch.cat((angle.cos(), angle.sin()), -1)
+        pos = torch.randint(0, 8192, (T, 1), device=DEV)
+        rec = Recipe("rms", 0.0, True, torch.bfloat16, torch.float32, torch.bfloat16, rd, interleaved)
+        qo, ko = tk.launch(q, k, qw, kw, cache, None, 1e-6, 1e-6, rec, positions=pos)
+        cos, sin = cos_sin_from_cache(cache, pos, interleaved)
+        err = max(ulp_err(qo, norm_rope_reference(q, qw, cos, sin, 1e-6, rec), torch.bfloat16),
+                  ulp_err(ko, norm_rope_reference(k, kw, cos, sin, 1e-6, rec), torch.bfloat16))
+        t_cache = do_bench_cudagraph(lambda: tk.launch(q, k, qw, kw, cache, None, 1e-6, 1e-6, rec, positions=pos),
+                                     rep=100, return_mode="median") * 1e3
+        t_cs = do_bench_cudagraph(lambda: tk.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, rec), rep=100,
+                                  return_mode="median") * 1e3
+        say(f"cache mode {'interleaved' if interleaved else 'neox'} rd={rd}: max {err:.2f} ulp at scale; "
+            f"{t_cache:.1f} us (cos/sin tensors: {t_cs:.1f} us)")
+
+
 def check_hf() -> None:
     from torch._dynamo.utils import counters
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -375,7 +402,7 @@ def main():
     t0 = time.time()
     for name, fn in (("numerics", check_kernel_numerics), ("compiled", check_compiled), ("hf", check_hf),
                      ("static", check_static_launch), ("profile", profile_host), ("cg", check_cudagraphs),
-                     ("craw", compiled_vs_raw),
+                     ("craw", compiled_vs_raw), ("cache", check_cache_mode),
                      ("timing", time_shapes)):
         if name in a.skip:
             continue

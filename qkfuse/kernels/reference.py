@@ -58,3 +58,14 @@ def norm_rope_reference(
     out = new_output(x, recipe.out_dtype)
     out.copy_(out_r)
     return out
+
+
+def cos_sin_from_cache(cache: torch.Tensor, positions: torch.Tensor, interleaved: bool):
+    """Full-width HF-layout cos/sin [..., rotary_dim] from a vLLM cos/sin cache and positions:
+    frequency i serves elements (i, i + rd/2) in the neox layout and (2i, 2i + 1) interleaved."""
+    rows = cache[positions.long()]
+    half = rows.shape[-1] // 2
+    c, s = rows[..., :half], rows[..., half:]
+    if interleaved:
+        return c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
+    return torch.cat((c, c), dim=-1), torch.cat((s, s), dim=-1)

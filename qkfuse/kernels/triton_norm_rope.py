@@ -57,7 +57,7 @@ def _norm_rope_tile(
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
@@ -133,7 +133,19 @@ def _norm_rope_tile(
                     wb = wa
             a = _scale(a, r, wa[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
             b = _scale(b, r, wb[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-        if INTERLEAVED:
+        if ROPE_CACHE:
+            # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
+            # their sin), sin_ptr the int positions of the tokens (token strides c_so/c_si), s_so the
+            # cache's row stride. Both rotation partners use frequency i in either style.
+            pos = tl.load(sin_ptr + t_outer * c_so + t_inner * c_si, mask=t < n_tokens, other=0).to(tl.int64)
+            crow = (pos * s_so)[:, None, None]
+            dh = tl.arange(0, HALF_PAD)[None, None, :]
+            cm = t_ok & (dh < HALF)
+            ca = tl.load(cos_ptr + crow + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            sa = tl.load(cos_ptr + crow + HALF + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            cb = ca
+            sb = sa
+        elif INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             cm = c_mask & (dr < ROT_DIM)
             cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -144,9 +156,6 @@ def _norm_rope_tile(
             else:
                 ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, 1, HALF_PAD, 2]))
                 sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, 1, HALF_PAD, 2]))
-            oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
-            o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
-            tl.store(o_ptr + o_row + dr, o.to(out_ty), mask=row_mask & (dr < ROT_DIM))
         else:
             da = tl.arange(0, HALF_PAD)[None, None, :]
             cm = c_mask & (da < HALF)
@@ -154,7 +163,13 @@ def _norm_rope_tile(
             cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
+        oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
+        if INTERLEAVED:
+            dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+            o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
+            tl.store(o_ptr + o_row + dr, o.to(out_ty), mask=row_mask & (dr < ROT_DIM))
+        else:
+            da = tl.arange(0, HALF_PAD)[None, None, :]
             m = row_mask & (da < HALF)
             tl.store(o_ptr + o_row + da, oa.to(out_ty), mask=m)
             tl.store(o_ptr + o_row + HALF + da, ob.to(out_ty), mask=m)
@@ -189,7 +204,7 @@ def qk_norm_rope_kernel(
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then
@@ -208,7 +223,7 @@ def qk_norm_rope_kernel(
             n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, BLOCK_T, BLOCK_H,
         )
     else:
         _norm_rope_tile(
@@ -216,7 +231,7 @@ def qk_norm_rope_kernel(
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, BLOCK_T, BLOCK_H,
         )
 
 
@@ -355,8 +370,22 @@ def _size(shape, d):
 
 def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, recipe: Recipe,
              sin: torch.Tensor | None = None, q_weight: torch.Tensor | None = None,
-             k_weight: torch.Tensor | None = None) -> str | None:
-    """None if the kernel computes these inputs exactly, else why not."""
+             k_weight: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> str | None:
+    """None if the kernel computes these inputs exactly, else why not (positions: cache mode)."""
+    if positions is not None:
+        if positions.dtype not in (torch.int32, torch.int64):
+            return f"positions must be int32/int64, not {positions.dtype}"
+        if cos is None or cos.dim() != 2 or cos.shape[-1] != recipe.rotary_dim:
+            return "the cos/sin cache must be [max_position, rotary_dim]"
+        if cos.stride(-1) != 1:
+            return "cos/sin cache last dim is not contiguous"
+        try:
+            axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, positions.unsqueeze(-1).shape)
+        except UnsupportedLayout as e:
+            return str(e)
+        if _strides3(positions.unsqueeze(-1), q.shape[:-1], axes)[2] != 0:
+            return "positions vary along the head dim"
+        cos, sin = positions.unsqueeze(-1), None
     for t, name in ((q, "q"), (k, "k")):
         if t is None:
             continue
@@ -393,15 +422,21 @@ def launch(
     traceable: bool = False,
     config: Config | None = None,
     num_stages: int | None = None,
+    positions: torch.Tensor | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
+
+    With ``positions``, ``cos`` is a vLLM-style cos/sin cache [max_position, rotary_dim] (the
+    cos of the rotary_dim/2 frequencies, then their sin), ``sin`` is unused, and ``positions``
+    (integers, broadcastable to q.shape[:-1] with size 1 along the heads) picks each token's row.
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
     """
     q_out = new_output(q, recipe.out_dtype)
     k_out = None if k is None else new_output(k, recipe.out_dtype)
-    axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape)
+    table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
+    axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape)
     lead = q.shape[:-1]
     n_inner = _size(lead, axes.inner)
     n_tokens = _size(lead, axes.outer) * n_inner
@@ -413,10 +448,12 @@ def launch(
     q_head_blocks = triton.cdiv(q_heads, config.block_h)
     k_head_blocks = 0 if k is None else triton.cdiv(k_heads, config.block_h)
     rd = recipe.rotary_dim
-    cos_str = _strides3(cos, lead, axes)
-    sin_str = _strides3(sin, lead, axes)
+    if positions is None:
+        cos_str, sin_str = _strides3(cos, lead, axes), _strides3(sin, lead, axes)
+    else:  # token strides of the positions; the cache's row stride
+        cos_str, sin_str, sin = _strides3(table, lead, axes), (cos.stride(0), 0, 0), positions
     has_weight = q_weight is not None
-    cos_per_head = cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
+    cos_per_head = positions is None and cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
     head_blocks = q_head_blocks + k_head_blocks
     # tail chunks as wide as a rotated half (one register layout); the whole row without RoPE
     tail_chunk = _next_pow2(max(rd // 2, 1)) if rd else _next_pow2(head_dim)
@@ -446,6 +483,7 @@ def launch(
         INTERLEAVED=bool(recipe.interleaved),
         HAS_K=k is not None,
         COS_PER_HEAD=cos_per_head,
+        ROPE_CACHE=positions is not None,
         BLOCK_T=config.block_t,
         BLOCK_H=config.block_h,
         num_warps=config.num_warps,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.reference import norm_rope_reference
+from ..kernels.reference import cos_sin_from_cache, norm_rope_reference
 from .recipe import Recipe, check_inputs, new_output
 
 
@@ -77,6 +77,53 @@ def qk_norm_rope(
     )
 
 
+@torch.library.custom_op("qkfuse::qk_norm_rope_cached", mutates_args=())
+def qk_norm_rope_cached(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    cos_sin_cache: Tensor,
+    positions: Tensor,
+    q_eps: float,
+    k_eps: float,
+    norm: str,
+    weight_offset: float,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    rope_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    rotary_dim: int,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    """qk_norm_rope with vLLM-style RoPE inputs: ``cos_sin_cache`` [max_position, rotary_dim] (cos of
+    the rotary_dim/2 frequencies, then their sin) and integer ``positions`` broadcastable to
+    q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D])."""
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    cos, sin = _cached_cos_sin(cos_sin_cache, positions, recipe)
+    check_inputs(q, q_weight, cos, sin, recipe, "q")
+    check_inputs(k, k_weight, cos, sin, recipe, "k")
+    return (norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
+            norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe))
+
+
+def _cached_cos_sin(cache: Tensor, positions: Tensor, recipe: Recipe):
+    if cache.dim() != 2 or cache.shape[-1] != recipe.rotary_dim or recipe.rotary_dim % 2:
+        raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={recipe.rotary_dim}], "
+                         f"got {tuple(cache.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"qkfuse: positions must be int32/int64, got {positions.dtype}")
+    return cos_sin_from_cache(cache, positions, recipe.interleaved)
+
+
+@qk_norm_rope_cached.register_fake
+def _qk_norm_rope_cached_fake(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
+    recipe = Recipe(*recipe_args)
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[-1] != recipe.rotary_dim:
+        raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={recipe.rotary_dim}]")
+    return new_output(q, recipe.out_dtype), new_output(k, recipe.out_dtype)
+
+
 @norm_rope.register_fake
 def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
                     norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
@@ -99,11 +146,13 @@ def _eps_value(value: float, tensor: Tensor | None) -> float:
     return value if tensor is None else float(tensor.item())
 
 
-def _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe: Recipe):
+def _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe: Recipe, positions=None):
     from ..kernels import triton_norm_rope as tk
 
-    if tk.supports(q, k, cos, recipe, sin, q_weight, k_weight) is None:
-        return tk.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe)
+    if tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, positions) is None:
+        return tk.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, positions=positions)
+    if positions is not None:
+        cos, sin = _cached_cos_sin(cos, positions, recipe)
     return (
         norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
         None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe),
@@ -131,6 +180,12 @@ def _register_cuda_kernels() -> None:
         check_inputs(k, k_weight, cos, sin, recipe, "k")
         return _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, _eps_value(q_eps, q_eps_tensor),
                                   _eps_value(k_eps, k_eps_tensor), recipe)
+
+
+    @qk_norm_rope_cached.register_kernel("cuda")
+    def _qk_norm_rope_cached_cuda(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
+        recipe = Recipe(*recipe_args)
+        return _cuda_or_reference(q, k, q_weight, k_weight, cos_sin_cache, None, q_eps, k_eps, recipe, positions)
 
 
 _register_cuda_kernels()

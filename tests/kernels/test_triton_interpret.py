@@ -476,3 +476,44 @@ def test_supports_refuses_with_reason():
     reason = tk.supports(q, None, cos, Recipe(norm="rms", out_dtype=torch.float64))
     assert isinstance(reason, str) and "float64" in reason
 
+
+
+# ---- vLLM-style cos/sin cache + positions --------------------------------------------------------
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [32, 16])
+@pytest.mark.parametrize("layout", ["tokens_heads", "batch_heads_seq"])
+def test_cos_sin_cache_with_positions(interp, interleaved, rotary_dim, layout):
+    """cos/sin gathered in the kernel from a [max_position, rd] float32 cache by each token's
+    position equal the reference run on the HF-layout cos/sin built from the same cache."""
+    from qkfuse.kernels.reference import cos_sin_from_cache
+
+    g = torch.Generator().manual_seed(rotary_dim + interleaved)
+    D, Hq, Hk = 32, 4, 2
+    if layout == "tokens_heads":  # vLLM: q/k [T, H, D], positions [T, 1]
+        T = 6
+        q, k = torch.randn(T, Hq, D, generator=g).bfloat16(), torch.randn(T, Hk, D, generator=g).bfloat16()
+        positions = torch.randperm(40, generator=g)[:T].view(T, 1)
+    else:  # HF layout [B, H, S, D] (transposed view), positions [B, 1, S]
+        B, S = 2, 3
+        q = torch.randn(B, S, Hq, D, generator=g).bfloat16().transpose(1, 2)
+        k = torch.randn(B, S, Hk, D, generator=g).bfloat16().transpose(1, 2)
+        positions = torch.randperm(40, generator=g)[: B * S].view(B, 1, S)
+    angle = torch.rand(40, rotary_dim // 2, generator=g) * 6.3
+    cache = torch.cat((angle.cos(), angle.sin()), dim=-1)  # float32, as vLLM keeps it
+    qw, kw = 1 + 0.3 * torch.randn(D, generator=g).bfloat16(), 1 + 0.3 * torch.randn(D, generator=g).bfloat16()
+    recipe = Recipe(norm="rms", cast_before_weight=True, norm_dtype=torch.bfloat16, rope_dtype=torch.float32,
+                    out_dtype=torch.bfloat16, rotary_dim=rotary_dim, interleaved=interleaved)
+    assert tk.supports(q, k, cache, recipe, None, qw, kw, positions) is None
+    q_out, k_out = interp.launch(q, k, qw, kw, cache, None, 1e-6, 1e-6, recipe, positions=positions)
+    cos, sin = cos_sin_from_cache(cache, positions, interleaved)
+    for out, x, w in ((q_out, q, qw), (k_out, k, kw)):
+        ref = norm_rope_reference(x, w, cos, sin, 1e-6, recipe)
+        assert out.stride() == ref.stride() and not torch.isnan(out.float()).any()
+        # bf16 rounding of the norm and of the output; the interpreter truncates (see module doc)
+        err = float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+        assert err <= 4 * 2.0**-8, err
+    # positions that vary along the heads cannot be served by one gather per token
+    assert "head" in tk.supports(q, k, cache, recipe, None, qw, kw, torch.zeros(q.shape[:-1], dtype=torch.long))
+    assert "int32/int64" in tk.supports(q, k, cache, recipe, None, qw, kw, positions.float())

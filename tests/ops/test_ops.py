@@ -241,3 +241,44 @@ def test_ops_are_named_in_profiler_trace():
     names = {e.name for e in prof.events()}
     assert any("qkfuse::qk_norm_rope" in n for n in names), sorted(names)[:20]
     assert any("qkfuse::norm_rope" in n for n in names), sorted(names)[:20]
+
+
+# ---- the vLLM-style cached variant ---------------------------------------------------------------
+
+
+def _cached_inputs(seed=0, dtype=torch.bfloat16, rd=16, interleaved=False):
+    g = torch.Generator().manual_seed(seed)
+    T, D = 5, 32
+    q, k = torch.randn(T, 4, D, generator=g).to(dtype), torch.randn(T, 2, D, generator=g).to(dtype)
+    qw, kw = torch.randn(D, generator=g).to(dtype), torch.randn(D, generator=g).to(dtype)
+    angle = torch.rand(17, rd // 2, generator=g) * 6.3
+    cache = torch.cat((angle.cos(), angle.sin()), dim=-1)
+    positions = torch.randint(0, 17, (T, 1), generator=g)
+    recipe = Recipe(norm="rms", cast_before_weight=True, norm_dtype=dtype, rope_dtype=torch.float32,
+                    out_dtype=dtype, rotary_dim=rd, interleaved=interleaved)
+    return q, k, qw, kw, cache, positions, recipe
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_qk_norm_rope_cached_contract(interleaved):
+    from qkfuse.kernels.reference import cos_sin_from_cache, norm_rope_reference
+    from qkfuse.ops.norm_rope import qk_norm_rope_cached
+
+    q, k, qw, kw, cache, positions, recipe = _cached_inputs(interleaved=interleaved)
+    args = (q, k, qw, kw, cache, positions, 1e-6, 1e-5, *recipe.op_args())
+    result = torch.library.opcheck(qk_norm_rope_cached, args)
+    assert result and all(v == "SUCCESS" for v in result.values()), result
+    qo, ko = torch.ops.qkfuse.qk_norm_rope_cached(*args)
+    cos, sin = cos_sin_from_cache(cache, positions, interleaved)
+    assert torch.equal(qo, norm_rope_reference(q, qw, cos, sin, 1e-6, recipe))
+    assert torch.equal(ko, norm_rope_reference(k, kw, cos, sin, 1e-5, recipe))
+    if not interleaved:  # neox: cache row i of frequency j serves elements j and j + rd/2
+        assert torch.equal(cos[..., :8], cos[..., 8:]) and torch.equal(cos[0, 0, :8], cache[positions[0, 0], :8])
+
+
+def test_qk_norm_rope_cached_rejects_bad_inputs():
+    q, k, qw, kw, cache, positions, recipe = _cached_inputs()
+    with pytest.raises(ValueError, match="cos_sin_cache must be"):
+        torch.ops.qkfuse.qk_norm_rope_cached(q, k, qw, kw, cache[:, :8], positions, 1e-6, 1e-6, *recipe.op_args())
+    with pytest.raises(ValueError, match="positions must be int32/int64"):
+        torch.ops.qkfuse.qk_norm_rope_cached(q, k, qw, kw, cache, positions.float(), 1e-6, 1e-6, *recipe.op_args())
