@@ -287,6 +287,7 @@ def bucket_key(n_tokens: int, q_heads: int, k_heads: int, head_dim: int) -> str:
     return f"d{_next_pow2(head_dim)}_t{_bucket_tokens(n_tokens)}_h{_next_pow2(q_heads + k_heads)}"
 
 
+@functools.lru_cache(maxsize=1024)  # launch parameters are reused, not recomputed, per shape
 def choose_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int, use_table: bool = True) -> Config:
     """Tile shape and warps: the committed tuning table (benchmarks/tune_triton.py) for the
     shape's bucket, the nearest tuned token bucket, or a heuristic."""
