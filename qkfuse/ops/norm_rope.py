@@ -69,8 +69,7 @@ def qk_norm_rope(
 ) -> tuple[Tensor, Tensor]:
     """The same for q and k with one shared cos/sin: one kernel launch on CUDA."""
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    check_inputs(q, q_weight, cos, sin, recipe, "q")
-    check_inputs(k, k_weight, cos, sin, recipe, "k")
+    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
     return (
         norm_rope_reference(q, q_weight, cos, sin, _eps(q_eps, q_eps_tensor), recipe),
         norm_rope_reference(k, k_weight, cos, sin, _eps(k_eps, k_eps_tensor), recipe),
@@ -101,26 +100,33 @@ def qk_norm_rope_cached(
     q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D])."""
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
     cos, sin = _cached_cos_sin(cos_sin_cache, positions, recipe)
-    check_inputs(q, q_weight, cos, sin, recipe, "q")
-    check_inputs(k, k_weight, cos, sin, recipe, "k")
+    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
     return (norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
             norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe))
 
 
-def _cached_cos_sin(cache: Tensor, positions: Tensor, recipe: Recipe):
+def _check_qk(q, k, q_weight, k_weight, cos, sin, recipe: Recipe) -> None:
+    check_inputs(q, q_weight, cos, sin, recipe, "q")
+    check_inputs(k, k_weight, cos, sin, recipe, "k")
+
+
+def _check_cache(cache: Tensor, positions: Tensor, recipe: Recipe) -> None:
     if cache.dim() != 2 or cache.shape[-1] != recipe.rotary_dim or recipe.rotary_dim % 2:
         raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={recipe.rotary_dim}], "
                          f"got {tuple(cache.shape)}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"qkfuse: positions must be int32/int64, got {positions.dtype}")
+
+
+def _cached_cos_sin(cache: Tensor, positions: Tensor, recipe: Recipe):
+    _check_cache(cache, positions, recipe)
     return cos_sin_from_cache(cache, positions, recipe.interleaved)
 
 
 @qk_norm_rope_cached.register_fake
 def _qk_norm_rope_cached_fake(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
     recipe = Recipe(*recipe_args)
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[-1] != recipe.rotary_dim:
-        raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={recipe.rotary_dim}]")
+    _check_cache(cos_sin_cache, positions, recipe)
     return new_output(q, recipe.out_dtype), new_output(k, recipe.out_dtype)
 
 
@@ -137,8 +143,7 @@ def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_t
                        norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
                        rotary_dim, interleaved):
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    check_inputs(q, q_weight, cos, sin, recipe, "q")
-    check_inputs(k, k_weight, cos, sin, recipe, "k")
+    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
     return new_output(q, out_dtype), new_output(k, out_dtype)
 
 
@@ -176,8 +181,7 @@ def _register_cuda_kernels() -> None:
     def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
                            *recipe_args):
         recipe = Recipe(*recipe_args)
-        check_inputs(q, q_weight, cos, sin, recipe, "q")
-        check_inputs(k, k_weight, cos, sin, recipe, "k")
+        _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
         return _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, _eps_value(q_eps, q_eps_tensor),
                                   _eps_value(k_eps, k_eps_tensor), recipe)
 
@@ -185,6 +189,9 @@ def _register_cuda_kernels() -> None:
     @qk_norm_rope_cached.register_kernel("cuda")
     def _qk_norm_rope_cached_cuda(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
         recipe = Recipe(*recipe_args)
+        _check_cache(cos_sin_cache, positions, recipe)
+        table = cos_sin_cache[:1].expand(*positions.shape, recipe.rotary_dim)  # shapes only, no gather
+        _check_qk(q, k, q_weight, k_weight, table, table, recipe)
         return _cuda_or_reference(q, k, q_weight, k_weight, cos_sin_cache, None, q_eps, k_eps, recipe, positions)
 
 
