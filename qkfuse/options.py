@@ -20,6 +20,9 @@ class Options:
     enable: bool = True
     kernels: str = "auto"
     families: tuple[str, ...] = DEFAULT_FAMILIES
+    # Re-raise errors met while matching or replacing a site instead of leaving it unfused (tests
+    # set QKFUSE_STRICT=1; users never need it: one odd site must not break their compile).
+    strict: bool = False
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
@@ -31,11 +34,17 @@ class Options:
             raise ValueError(f"qkfuse.families: unknown {unknown}; known: {FAMILIES}")
         object.__setattr__(self, "families", fams)
         object.__setattr__(self, "enable", bool(self.enable))
+        object.__setattr__(self, "strict", bool(self.strict))
 
     @property
     def active(self) -> bool:
         """Enabled, and not switched off by the QKFUSE_DISABLE=1 environment variable."""
         return self.enable and os.environ.get("QKFUSE_DISABLE", "0") in ("", "0")
+
+    @property
+    def strict_errors(self) -> bool:
+        """strict=True, or the QKFUSE_STRICT=1 environment variable."""
+        return self.strict or os.environ.get("QKFUSE_STRICT", "0") not in ("", "0")
 
     def cache_key(self) -> str:
         return f"enable={self.active};kernels={self.kernels};families={','.join(self.families)}"
