@@ -25,8 +25,12 @@ def norm_rope_reference(
     sin: torch.Tensor | None,
     eps: float | torch.Tensor,
     recipe: Recipe,
+    *,
+    dense_layout: bool = True,
 ) -> torch.Tensor:
-    """One tensor's fused computation; the output is laid out by ``new_output(x)``."""
+    """One tensor's fused computation; the output is laid out by ``new_output(x)`` (the layout
+    every kernel returns), or as torch's ops leave it with ``dense_layout=False`` (for traces that
+    Inductor compiles: it plans layouts itself)."""
     y = x
     if recipe.norm == "rms":
         xf = x.to(torch.float32)
@@ -55,6 +59,8 @@ def norm_rope_reference(
     else:
         out_r = y.to(recipe.out_dtype)
 
+    if not dense_layout:
+        return out_r
     out = new_output(x, recipe.out_dtype)
     out.copy_(out_r)
     return out
