@@ -20,6 +20,8 @@ class Options:
     enable: bool = True
     kernels: str = "auto"
     families: tuple[str, ...] = DEFAULT_FAMILIES
+    # A k site absorbs the KV-cache write that consumes it (HF StaticCache): one launch stores k and v.
+    kv_cache: bool = True
     # Re-raise errors met while matching or replacing a site instead of leaving it unfused (tests
     # set QKFUSE_STRICT=1; users never need it: one odd site must not break their compile).
     strict: bool = False
@@ -35,6 +37,7 @@ class Options:
         object.__setattr__(self, "families", fams)
         object.__setattr__(self, "enable", bool(self.enable))
         object.__setattr__(self, "strict", bool(self.strict))
+        object.__setattr__(self, "kv_cache", bool(self.kv_cache))
 
     @property
     def active(self) -> bool:
@@ -47,7 +50,8 @@ class Options:
         return self.strict or os.environ.get("QKFUSE_STRICT", "0") not in ("", "0")
 
     def cache_key(self) -> str:
-        return f"enable={self.active};kernels={self.kernels};families={','.join(self.families)}"
+        return (f"enable={self.active};kernels={self.kernels};families={','.join(self.families)};"
+                f"kv_cache={self.kv_cache}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Options":

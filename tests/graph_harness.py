@@ -27,6 +27,8 @@ class PassRun:
     records: list  # SiteRecords of the pass
     out: tuple  # outputs of the rewritten graph
     ref: tuple  # outputs of the original graph on the same inputs
+    inputs: tuple  # the graph's inputs after the rewritten graph ran (it may write some: a KV cache)
+    ref_inputs: tuple  # copies of the same inputs after the original graph ran on them
 
     @property
     def fused(self):
@@ -37,7 +39,15 @@ class PassRun:
         return [r for r in self.records if not r.fused]
 
     def count(self, target_name: str) -> int:
-        return sum(1 for n in self.rewritten.graph.nodes if n.op == "call_function" and target_name in str(n.target))
+        """``"qkfuse.qk_norm_rope"`` / ``"qkfuse.norm_rope"`` / ``"qkfuse"``: the fused calls of that
+        kind, whatever kernel serves them (on CPU they are spliced as plain torch ops, each node
+        tagged with its call in ``meta["qkfuse"]``); else the untagged nodes calling `target_name`."""
+        nodes = [n for n in self.rewritten.graph.nodes if n.op == "call_function"]
+        if target_name.startswith("qkfuse"):
+            op = target_name.partition(".")[2]
+            calls = {n.meta["qkfuse"] for n in nodes if "qkfuse" in n.meta}
+            return sum(1 for c in calls if not op or c.split("#")[0] == op)
+        return sum(1 for n in nodes if "qkfuse" not in n.meta and target_name in str(n.target))
 
 
 def _prepare(gm: torch.fx.GraphModule) -> None:
@@ -65,7 +75,8 @@ def run_pass(fn, *args, dynamic: bool = False, options: Options | None = None) -
         captured.append((original, gm, records))
 
         def both(*a):
-            ref_outs.append(original(*a))
+            copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in a]
+            ref_outs.append((original(*copies), a, copies))
             return gm(*a)
 
         return make_boxed_func(both)
@@ -77,7 +88,8 @@ def run_pass(fn, *args, dynamic: bool = False, options: Options | None = None) -
     with torch.no_grad():
         out = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(*args)
     original, rewritten, records = captured[-1]
-    return PassRun(original, rewritten, records, tuple(out), tuple(ref_outs[-1]))
+    ref, inputs, ref_inputs = ref_outs[-1]
+    return PassRun(original, rewritten, records, tuple(out), tuple(ref), tuple(inputs), tuple(ref_inputs))
 
 
 def scale_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,10 +1,12 @@
-"""Which kernel serves a fused site: ``qkfuse.kernels = "auto" | "triton" | "flashinfer" | "reference"``.
+"""Which kernel serves a fused site: ``qkfuse.kernels = "auto" | "triton" | "flashinfer" | "reference" | "inline"``.
 
-- ``reference``: the plain-torch ``qkfuse::`` custom op (any device; on CUDA it is an opaque call,
-  useful for debugging numerics, slower than no fusion).
+- ``inline``: the reference recipe spliced as plain torch ops, compiled by Inductor with the rest of
+  the graph (what ``auto`` picks on CPU: an opaque call there costs more than it saves).
+- ``reference``: the plain-torch ``qkfuse::`` custom op (any device; an opaque call, useful for
+  debugging numerics, slower than no fusion).
 - ``triton``: the Triton kernel, launched directly by Inductor's generated code.
 - ``flashinfer``: flashinfer's norm and RoPE kernels, wrapped as ``qkfuse::fi_*`` custom ops.
-- ``auto``: CPU → reference; CUDA → Triton, or flashinfer where the committed measurements
+- ``auto``: CPU → inline; CUDA → Triton, or flashinfer where the committed measurements
   (kernels/policy.json, written by benchmarks/bench_qk_norm_rope.py) say it is faster.
 """
 
@@ -19,7 +21,7 @@ import torch
 from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
-KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference")
+KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +52,10 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     if preference not in KERNEL_CHOICES:
         raise ValueError(f"qkfuse.kernels must be one of {KERNEL_CHOICES}, got {preference!r}")
     device = q.device.type
-    if preference == "reference" or device != "cuda":
+    if preference == "reference":
         return "reference", "reference op" if device == "cuda" else f"reference op ({device})"
+    if preference == "inline" or device != "cuda":
+        return "inline", "inline torch ops" if device == "cuda" else f"inline torch ops ({device})"
     if preference == "flashinfer":
         from . import flashinfer as fi
 
@@ -88,3 +92,21 @@ def _flashinfer_measured_faster(q, k, recipe) -> bool:
         tokens *= _hint(s)
     key = f"d{q.shape[-1]}_t{_bucket_tokens(tokens)}"
     return bool(table.get(key, False))
+
+
+def likely_kernel(preference: str, q: torch.Tensor) -> str:
+    """The kernel `choose` picks for q's device when the kernel supports the site."""
+    if preference in ("reference", "inline", "flashinfer"):
+        return preference
+    return "triton" if q.device.type == "cuda" and triton_available() else "inline"
+
+
+def cache_unsupported(kernel: str, rotated: torch.Tensor, cache: torch.Tensor, index: torch.Tensor, dim: int,
+                      v: tuple[torch.Tensor, torch.Tensor] | None) -> str | None:
+    """Why `kernel` cannot write `rotated` into `cache` at `index` along `dim` (and v into its cache),
+    or None. Kernels that replay the graph's write can do any write the graph does."""
+    if kernel != "triton":
+        return None
+    from . import triton_norm_rope as tk
+
+    return tk.cache_unsupported(rotated, cache, index, dim, v)

@@ -49,20 +49,14 @@ def _rope_pair(a, b, ca, sa, cb, sb, R_CODE: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_tile(
-    x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, eps,
-    pid_t, hb, n_tokens, n_inner, n_heads,
-    x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
-    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
-    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
-    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    HALF: tl.constexpr = ROT_DIM // 2
-    TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
+def _rows(pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
+          idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_H: tl.constexpr):
+    """Row offsets of a [BLOCK_T, BLOCK_H] tile of (token, head) rows in x and in the output.
 
+    With POS_AXIS >= 0 the output is a cache: the token's sequence coordinate (the outer or inner
+    token index, or 0 for a size-1 sequence) is looked up in idx (negative = from the end) and the
+    row lands at that position; rows whose position is outside the cache are not stored."""
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     t_outer = (t // n_inner).to(tl.int64)
@@ -71,7 +65,55 @@ def _norm_rope_tile(
     row_mask = t_ok & (h < n_heads)[None, :, None]
     x_row = (t_outer * x_so + t_inner * x_si)[:, None, None] + (h * x_sh)[None, :, None]
     o_row = (t_outer * o_so + t_inner * o_si)[:, None, None] + (h * o_sh)[None, :, None]
+    store_mask = row_mask
+    if POS_AXIS >= 0:
+        if POS_AXIS == 0:
+            seq = t_outer
+        elif POS_AXIS == 1:
+            seq = t_inner
+        else:
+            seq = t_outer * 0
+        pos = tl.load(idx_ptr + seq * idx_stride, mask=t < n_tokens, other=0).to(tl.int64)
+        pos = tl.where(pos < 0, pos + cache_len, pos)
+        o_row += (pos * o_seq)[:, None, None]
+        store_mask = row_mask & ((pos >= 0) & (pos < cache_len))[:, None, None]
+    return t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row
+
+
+@triton.jit
+def _copy_tile(x_ptr, o_ptr, pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
+               idx_ptr, idx_stride, cache_len, o_seq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Copy rows (v into its cache, beside k's norm+RoPE in the same launch)."""
+    t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row = _rows(
+        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
+        idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS, BLOCK_T, BLOCK_H)
+    d = tl.arange(0, D_PAD)[None, None, :]
+    x = tl.load(x_ptr + x_row + d, mask=row_mask & (d < HEAD_DIM), other=0.0, eviction_policy="evict_first")
+    tl.store(o_ptr + o_row + d, x.to(o_ptr.dtype.element_ty), mask=store_mask & (d < HEAD_DIM))
+
+
+@triton.jit
+def _norm_rope_tile(
+    x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, eps,
+    pid_t, hb, n_tokens, n_inner, n_heads,
+    x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
+    idx_ptr, idx_stride, cache_len, o_seq,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
+    POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT_DIM // 2
+    TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
+
+    t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row = _rows(
+        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
+        idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS, BLOCK_T, BLOCK_H)
     if COS_PER_HEAD:
+        h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         c_row = (t_outer * c_so + t_inner * c_si)[:, None, None] + (h * c_sh)[None, :, None]
         s_row = (t_outer * s_so + t_inner * s_si)[:, None, None] + (h * s_sh)[None, :, None]
         c_mask = row_mask
@@ -167,10 +209,10 @@ def _norm_rope_tile(
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
-            tl.store(o_ptr + o_row + dr, o.to(out_ty), mask=row_mask & (dr < ROT_DIM))
+            tl.store(o_ptr + o_row + dr, o.to(out_ty), mask=store_mask & (dr < ROT_DIM))
         else:
             da = tl.arange(0, HALF_PAD)[None, None, :]
-            m = row_mask & (da < HALF)
+            m = store_mask & (da < HALF)
             tl.store(o_ptr + o_row + da, oa.to(out_ty), mask=m)
             tl.store(o_ptr + o_row + HALF + da, ob.to(out_ty), mask=m)
 
@@ -189,49 +231,70 @@ def _norm_rope_tile(
             else:
                 wt = tl.zeros([TAIL_CHUNK], dtype=tl.float32)
             pc = _scale(pc, r, wt[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-        tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty), mask=mt)
+        tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty),
+                 mask=store_mask & (dc + i * TAIL_CHUNK < TAIL))
 
 
 @triton.jit
 def qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     q_eps, k_eps,
-    n_tokens, n_inner, q_heads, k_heads, q_head_blocks, head_blocks,
+    n_tokens, n_inner, q_heads, k_heads, q_head_blocks, k_head_blocks, head_blocks,
     q_so, q_si, q_sh, k_so, k_si, k_sh,
     qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
     c_so, c_si, c_sh, s_so, s_si, s_sh,
+    v_ptr, vo_ptr, idx_ptr, v_so, v_si, v_sh, vo_so, vo_si, vo_sh,
+    idx_stride, cache_len, o_seq, vo_seq,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
+    Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, V_POS_AXIS: tl.constexpr, HAS_V: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then
-    k's) varies fastest, so neighbouring programs read neighbouring memory of one token block."""
+    """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
+    then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
+
+    The last of q/k may be written into a KV cache (its *_POS_AXIS >= 0: rows land at the positions
+    in idx) and v, with the same heads, copied into its cache at the same positions."""
     pid = tl.program_id(0)
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
     # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
     # constexprs, so q's and k's strides need not have the same type.
+    n_rope_blocks = q_head_blocks
+    if HAS_K:
+        n_rope_blocks = q_head_blocks + k_head_blocks
+    is_v = False
+    if HAS_V:
+        is_v = pid_h >= n_rope_blocks
     is_k = False
     if HAS_K:
-        is_k = pid_h >= q_head_blocks
-    if is_k:
+        is_k = (pid_h >= q_head_blocks) & (pid_h < n_rope_blocks)
+    if is_v:
+        v_heads = q_heads
+        if HAS_K:
+            v_heads = k_heads
+        _copy_tile(v_ptr, vo_ptr, pid_t, pid_h - n_rope_blocks, n_tokens, n_inner, v_heads,
+                   v_so, v_si, v_sh, vo_so, vo_si, vo_sh, idx_ptr, idx_stride, cache_len, vo_seq,
+                   HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_H)
+    elif is_k:
         _norm_rope_tile(
             k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
             n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
-            c_so, c_si, c_sh, s_so, s_si, s_sh,
+            c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, BLOCK_T, BLOCK_H,
         )
     else:
         _norm_rope_tile(
             q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
-            c_so, c_si, c_sh, s_so, s_si, s_sh,
+            c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, BLOCK_T, BLOCK_H,
         )
 
 
@@ -316,8 +379,9 @@ class _Axes:
     head: int | None
 
 
-def _plan_axes(q_shape, q_stride, k_shape, cos_shape) -> _Axes:
-    """Which leading dims of q are (outer token, inner token, head); others must have size 1."""
+def _plan_axes(q_shape, q_stride, k_shape, cos_shape, token_dim: int | None = None) -> _Axes:
+    """Which leading dims of q are (outer token, inner token, head); others must have size 1.
+    `token_dim` (a cache's sequence dim) must not be the head axis."""
     lead = len(q_shape) - 1
     dims = [d for d in range(lead) if _hint(q_shape[d]) != 1 or (k_shape is not None and _hint(k_shape[d]) != 1)]
     head = None
@@ -337,7 +401,7 @@ def _plan_axes(q_shape, q_stride, k_shape, cos_shape) -> _Axes:
             cd = d - off
             return cd < 0 or _hint(cos_shape[cd]) == 1
 
-        head = min(dims, key=lambda d: (not broadcast_over(d), _hint(q_stride[d])))
+        head = min(dims, key=lambda d: (d == token_dim, not broadcast_over(d), _hint(q_stride[d])))
     rest = sorted((d for d in dims if d != head), key=lambda d: -_hint(q_stride[d]))
     if len(rest) > 2:
         raise UnsupportedLayout(f"more than 3 non-trivial leading dims: {tuple(q_shape)}")
@@ -409,6 +473,67 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
     return None
 
 
+@dataclasses.dataclass
+class CacheTarget:
+    """Where the fused call writes the rows of its last tensor (k, or q when there is no k): into
+    ``cache`` at positions ``index`` along ``dim`` (the HF StaticCache write), with ``v`` (the same
+    heads, no norm or RoPE) copied into ``v_cache`` at the same positions. The caches are written in
+    place; the written tensor gets no output of its own."""
+
+    cache: torch.Tensor
+    index: torch.Tensor
+    dim: int
+    v: torch.Tensor | None = None
+    v_cache: torch.Tensor | None = None
+
+
+def _pos_axis(axes: _Axes, dim: int) -> int | None:
+    """The kernel's POS_AXIS for a cache whose sequence dim is `dim`: 0/1 for the outer/inner token
+    axis, 2 for a size-1 sequence (all tokens at idx[0]), None when it is the head axis."""
+    if axes.outer == dim:
+        return 0
+    if axes.inner == dim:
+        return 1
+    if axes.head == dim:
+        return None
+    return 2
+
+
+def _cache_strides(cache: torch.Tensor, written: torch.Tensor, dim: int, axes: _Axes) -> tuple:
+    """The cache's strides on the three axes for rows shaped like `written`; the sequence axis gets
+    0 (its offset comes from the looked-up position)."""
+    view = cache.narrow(dim, 0, written.shape[dim])
+    strides = list(_strides3(view, written.shape[:-1], axes))
+    for i, d in enumerate((axes.outer, axes.inner, axes.head)):
+        if d == dim:
+            strides[i] = 0
+    return tuple(strides)
+
+
+def cache_unsupported(rotated: torch.Tensor, cache: torch.Tensor, index: torch.Tensor, dim: int,
+                      v: tuple[torch.Tensor, torch.Tensor] | None = None) -> str | None:
+    """None if the kernel can write `rotated`'s rows into `cache` (and v into its cache), else why."""
+    if cache.dtype not in DTYPE_CODES:
+        return f"cache dtype {cache.dtype}"
+    if cache.stride(-1) != 1:
+        return "cache last dim is not contiguous"
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        return "positions are not a 1-D integer tensor"
+    if not 0 <= dim < cache.dim() - 1 or cache.dim() != rotated.dim():
+        return "the cache's sequence dim is not one of the rotated tensor's leading dims"
+    if v is not None:
+        vt, vc = v
+        if vt.shape[-1] != rotated.shape[-1] or vc.shape[-1] != rotated.shape[-1]:
+            return f"v head_dim {vt.shape[-1]} != k head_dim {rotated.shape[-1]}"
+        if vt.dim() != rotated.dim() or any(_hint(a) != _hint(b) for a, b in zip(vt.shape, rotated.shape)):
+            return f"v {tuple(vt.shape)} and k {tuple(rotated.shape)} differ in shape"
+        if vt.dtype != vc.dtype or vc.dtype not in DTYPE_CODES:
+            return f"v dtype {vt.dtype} / v cache dtype {vc.dtype}"
+        if vt.stride(-1) != 1 or vc.stride(-1) != 1:
+            return "v or its cache has a non-contiguous last dim"
+    return None
+
+
 def launch(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -424,6 +549,7 @@ def launch(
     config: Config | None = None,
     num_stages: int | None = None,
     positions: torch.Tensor | None = None,
+    cache: CacheTarget | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -431,13 +557,19 @@ def launch(
     cos of the rotary_dim/2 frequencies, then their sin), ``sin`` is unused, and ``positions``
     (integers, broadcastable to q.shape[:-1] with size 1 along the heads) picks each token's row.
 
+    With ``cache``, the last of q/k is stored into the cache (see CacheTarget) and its output is
+    None.
+
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
     """
-    q_out = new_output(q, recipe.out_dtype)
-    k_out = None if k is None else new_output(k, recipe.out_dtype)
+    cached_is_k = cache is not None and k is not None
+    cached_is_q = cache is not None and k is None
+    q_out = cache.cache if cached_is_q else new_output(q, recipe.out_dtype)
+    k_out = None if k is None else (cache.cache if cached_is_k else new_output(k, recipe.out_dtype))
     table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
-    axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape)
+    axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape,
+                      None if cache is None else cache.dim)
     lead = q.shape[:-1]
     n_inner = _size(lead, axes.inner)
     n_tokens = _size(lead, axes.outer) * n_inner
@@ -455,7 +587,31 @@ def launch(
         cos_str, sin_str, sin = _strides3(table, lead, axes), (cos.stride(0), 0, 0), positions
     has_weight = q_weight is not None
     cos_per_head = positions is None and cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
-    head_blocks = q_head_blocks + k_head_blocks
+
+    written = k if cached_is_k else q
+    q_str = _strides3(q, lead, axes)
+    k_str = _strides3(k, k.shape[:-1], axes) if k is not None else (0, 0, 0)
+    qo_str = _strides3(q_out, lead, axes) if not cached_is_q else None
+    ko_str = (_strides3(k_out, k.shape[:-1], axes) if not cached_is_k else None) if k is not None else (0, 0, 0)
+    pos_axis, cache_args, v_args, v_head_blocks = -1, (q, 0, 0, 0, 0), (q, q_out, 0, 0, 0, 0, 0, 0), 0
+    if cache is not None:
+        pos_axis = _pos_axis(axes, cache.dim)
+        if pos_axis is None:
+            raise UnsupportedLayout("the cache's sequence dim is the kernel's head axis")
+        cstr = _cache_strides(cache.cache, written, cache.dim, axes)
+        if cached_is_q:
+            qo_str = cstr
+        else:
+            ko_str = cstr
+        cache_args = (cache.index, cache.index.stride(0), cache.cache.shape[cache.dim],
+                      cache.cache.stride(cache.dim),
+                      0 if cache.v is None else cache.v_cache.stride(cache.dim))
+        if cache.v is not None:
+            v_args = (cache.v, cache.v_cache, *_strides3(cache.v, written.shape[:-1], axes),
+                      *_cache_strides(cache.v_cache, cache.v, cache.dim, axes))
+            v_head_blocks = k_head_blocks if cached_is_k else q_head_blocks
+    idx, idx_stride, cache_len, o_seq, vo_seq = cache_args
+    head_blocks = q_head_blocks + k_head_blocks + v_head_blocks
     # tail chunks as wide as a rotated half (one register layout); the whole row without RoPE
     tail_chunk = _next_pow2(max(rd // 2, 1)) if rd else _next_pow2(head_dim)
     grid = (triton.cdiv(n_tokens, config.block_t) * head_blocks,)
@@ -465,10 +621,12 @@ def launch(
         q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
         q if cos is None else cos, q if sin is None else sin,
         _as_float(q_eps), _as_float(k_eps),
-        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks, head_blocks,
-        *_strides3(q, lead, axes), *(_strides3(k, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
-        *_strides3(q_out, lead, axes), *(_strides3(k_out, k.shape[:-1], axes) if k is not None else (0, 0, 0)),
+        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks, k_head_blocks,
+        head_blocks,
+        *q_str, *k_str, *qo_str, *ko_str,
         *cos_str, *sin_str,
+        v_args[0], v_args[1], idx, *v_args[2:],
+        idx_stride, cache_len, o_seq, vo_seq,
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),
@@ -485,9 +643,14 @@ def launch(
         HAS_K=k is not None,
         COS_PER_HEAD=cos_per_head,
         ROPE_CACHE=positions is not None,
+        Q_POS_AXIS=pos_axis if cached_is_q else -1,
+        K_POS_AXIS=pos_axis if cached_is_k else -1,
+        V_POS_AXIS=pos_axis,
+        HAS_V=cache is not None and cache.v is not None,
+        D_PAD=_next_pow2(head_dim),
         BLOCK_T=config.block_t,
         BLOCK_H=config.block_h,
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    return q_out, k_out
+    return (None if cached_is_q else q_out), (None if cached_is_k else k_out)

@@ -1,7 +1,12 @@
-"""The qkfuse post-grad pass: find every candidate site, match it, replace it.
+"""The qkfuse post-grad pass: find every candidate site, match it, pair, replace.
 
 Runs on the functional post-grad ATen graph (Inductor's ``post_grad_custom_pre_pass``), before
 Inductor's own post-grad patterns and before reinplacing.
+
+Containment: one odd site must never break a user's compile. An exception raised while matching
+or replacing a site leaves that site unfused (replacements change the graph only once nothing can
+fail), records the reason for ``explain`` and logs the traceback; ``Options.strict_errors`` (the
+tests) re-raises instead.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from torch._dynamo.utils import counters
 
 from ..kernels import policy
 from ..options import Options
-from ..patterns import norm_rope
+from ..patterns import kv_cache, norm_rope
 from ..patterns.canon import dtype_of, tensor_val
+from .pairing import group_sites, placeable
 from .records import SiteRecord, publish
+from .replace import replace_group
 
 log = logging.getLogger("qkfuse")
 _graph_ids = itertools.count()
@@ -34,81 +41,147 @@ def _graph_code(graph: torch.fx.Graph) -> str:
         return str(graph)
 
 
-def _op_input_val(site: norm_rope.Site):
-    return tensor_val(site.x).permute(site.perm)
+def _internal_error(what: str, node, e: Exception, options: Options) -> str:
+    if options.strict_errors:
+        raise e
+    log.warning("qkfuse: internal error while %s at %s; the site is left to Inductor", what,
+                getattr(node, "name", node), exc_info=True)
+    return f"internal error while {what} ({type(e).__name__}: {e}); left to Inductor"
+
+
+class _Run:
+    """One pass run over one graph: its records and counters."""
+
+    def __init__(self, graph: torch.fx.Graph, options: Options):
+        self.graph, self.options = graph, options
+        self.gid = next(_graph_ids)
+        self.records: list[SiteRecord] = []
+
+    def record(self, site_or_node, fused: bool, reason: str, partner: norm_rope.Site | None = None):
+        if isinstance(site_or_node, norm_rope.Site):
+            s = site_or_node
+            recipe = s.recipe.describe() + (f" + {s.cache.describe()}" if s.cache is not None else "")
+            rec = SiteRecord(s.family, fused, reason, s.anchor.name, _shape(s.anchor),
+                             None if partner is None else _shape(partner.anchor),
+                             str(dtype_of(s.anchor)).replace("torch.", ""), recipe, self.gid)
+        else:
+            n = site_or_node
+            rec = SiteRecord(norm_rope.FAMILY, fused, reason, n.name, _shape(n), None,
+                             str(dtype_of(n)).replace("torch.", ""), "", self.gid)
+        self.records.append(rec)
+        counters["qkfuse"][f"{rec.family}_sites" if fused else f"{rec.family}_refused"] += 1
+
+    def match(self, order: dict) -> list[norm_rope.Site]:
+        families = frozenset(self.options.families)
+        sites: list[norm_rope.Site] = []
+        claimed: set = set()
+        writes_taken: set = set()
+        for cand in list(norm_rope.candidates(self.graph)):
+            try:
+                site = norm_rope.match_site(cand, families)
+                if claimed.intersection(site.interior):
+                    raise norm_rope.Refused("overlaps another site")
+                if self.options.kv_cache:
+                    site.cache, note = _cache_write(site, order, writes_taken, self.options)
+                    if note:
+                        log.info("qkfuse: %s: %s", site.anchor.name, note)
+            except norm_rope.Refused as e:
+                self.record(cand, False, str(e))
+                continue
+            except Exception as e:
+                self.record(cand, False, _internal_error("matching", cand, e, self.options))
+                continue
+            sites.append(site)
+            claimed.update(site.interior)
+            if site.cache is not None:
+                writes_taken.update(site.cache.targets())
+        # A site computed from another site's interior (e.g. its input is another site's output)
+        # would be spliced from nodes that the other replacement erases.
+        inside = {n for s in sites for n in s.interior}
+        kept = []
+        for s in sites:
+            if inside.intersection(s.input_nodes()):
+                self.record(s, False, "its input is computed inside another fused site")
+            else:
+                kept.append(s)
+        return kept
+
+    def replace(self, sites: list[norm_rope.Site], order: dict) -> None:
+        for group in group_sites(sites, order):
+            for grp, kernel, note in _groups_to_try(group, self.options):
+                if kernel is None:
+                    for s in grp:
+                        self.record(s, False, note)
+                    continue
+                try:
+                    replace_group(self.graph, grp, kernel, order)
+                except Exception as e:
+                    reason = _internal_error("replacing", grp[0].anchor, e, self.options)
+                    for s in grp:
+                        self.record(s, False, reason)
+                    continue
+                counters["qkfuse"][f"{grp[0].family}_calls"] += 1
+                if any(s.cache is not None for s in grp):
+                    counters["qkfuse"]["kv_cache_writes"] += 1
+                for s in grp:
+                    partner = next((p for p in grp if p is not s), None)
+                    self.record(s, True, note, partner)
 
 
 def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:
     """Rewrite `graph` in place; returns one record per candidate site."""
     if not options.active:
         return []
-    gid = next(_graph_ids)
+    r = _Run(graph, options)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("qkfuse: graph %d before:\n%s", gid, _graph_code(graph))
-    families = frozenset(options.families)
-    records: list[SiteRecord] = []
-    sites: list[norm_rope.Site] = []
-    claimed: set = set()
-
-    def record(site_or_node, fused, reason, family=norm_rope.FAMILY, k_site=None):
-        if isinstance(site_or_node, norm_rope.Site):
-            s = site_or_node
-            records.append(SiteRecord(
-                s.family, fused, reason, s.anchor.name, _shape(s.anchor),
-                None if k_site is None else _shape(k_site.anchor), str(dtype_of(s.anchor)).replace("torch.", ""),
-                s.recipe.describe(), gid))
-        else:
-            n = site_or_node
-            records.append(SiteRecord(family, fused, reason, n.name, _shape(n),
-                                      None, str(dtype_of(n)).replace("torch.", ""), "", gid))
-        fam = records[-1].family
-        counters["qkfuse"][f"{fam}_sites" if fused else f"{fam}_refused"] += 1
-
-    for cand in list(norm_rope.candidates(graph)):
-        try:
-            site = norm_rope.match_site(cand, families)
-            if claimed.intersection(site.interior):
-                raise norm_rope.Refused("overlaps another site")
-        except norm_rope.Refused as e:
-            record(cand, False, str(e))
-            continue
-        sites.append(site)
-        claimed.update(site.interior)
-
+        log.debug("qkfuse: graph %d before:\n%s", r.gid, _graph_code(graph))
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for group in norm_rope.pair_sites(sites):
-        for grp, kernel, note in _groups_to_try(group, options):
-            if kernel is None:
-                for s in grp:
-                    record(s, False, note)
-                continue
-            norm_rope.replace(graph, grp, kernel, order)
-            counters["qkfuse"][f"{grp[0].family}_calls"] += 1
-            record(grp[0], True, note, k_site=grp[1] if len(grp) > 1 else None)
-            if len(grp) > 1:
-                record(grp[1], True, note, k_site=grp[0])
+    r.replace(r.match(order), order)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("qkfuse: graph %d after:\n%s", gid, _graph_code(graph))
-    if records:
-        fused = sum(r.fused for r in records)
-        log.info("qkfuse: graph %d: %d site(s) fused, %d refused", gid, fused, len(records) - fused)
-    publish(records)
-    return records
+        log.debug("qkfuse: graph %d after:\n%s", r.gid, _graph_code(graph))
+    if r.records:
+        fused = sum(rec.fused for rec in r.records)
+        log.info("qkfuse: graph %d: %d site(s) fused, %d refused", r.gid, fused, len(r.records) - fused)
+    publish(r.records)
+    return r.records
 
 
 def _groups_to_try(group, options: Options):
     """[(sites, kernel, note)]: the pair if one call serves it, else each site alone."""
-    cos_v = tensor_val(group[0].cos)
-    vals = [_op_input_val(s) for s in group]
-    tensor_eps = any(isinstance(s.eps, torch.fx.Node) for s in group)
-    sin_v = tensor_val(group[0].sin)
-    weights = [tensor_val(s.weight) for s in group]
-    kernel, note = policy.choose(options.kernels, vals[0], vals[1] if len(vals) > 1 else None, cos_v,
-                                 group[0].recipe, tensor_eps, sin_v, weights[0], weights[1] if len(weights) > 1 else None)
+    kernel, note = _choose(group, options)
     if kernel is not None or len(group) == 1:
         return [(group, kernel, note)]
-    out = []
-    for s, v in zip(group, vals):
-        k1, n1 = policy.choose(options.kernels, v, None, cos_v, s.recipe, tensor_eps, sin_v, tensor_val(s.weight))
-        out.append(((s,), k1, n1))
-    return out
+    return [((s,), *_choose((s,), options)) for s in group]
+
+
+def _choose(group, options: Options):
+    q, k = group[0], (group[1] if len(group) > 1 else None)
+    vals = [tensor_val(s.x).permute(s.perm) for s in group]
+    return policy.choose(
+        options.kernels, vals[0], vals[1] if k is not None else None, tensor_val(q.cos), q.recipe,
+        any(isinstance(s.eps, torch.fx.Node) for s in group), tensor_val(q.sin), tensor_val(q.weight),
+        None if k is None else tensor_val(k.weight))
+
+
+def _cache_write(site: norm_rope.Site, order: dict, taken: set, options: Options):
+    """The KV-cache write `site` absorbs, as far as the kernel that will serve it can do it."""
+    cw, note = kv_cache.match_cache_write(site.anchor, order, taken)
+    if cw is None:
+        return None, note
+    rotated = tensor_val(site.x).permute(site.perm)
+    kernel = policy.likely_kernel(options.kernels, rotated)
+
+    def why(v):
+        return policy.cache_unsupported(kernel, rotated, tensor_val(cw.cache), tensor_val(cw.index), cw.dim, v)
+
+    if cw.v is not None:
+        reason = why((tensor_val(cw.v.src).permute(cw.v.perm), tensor_val(cw.v.cache)))
+        if reason is not None:
+            cw.v, note = None, f"v-cache write left to Inductor: {reason}"
+    reason = why(None)
+    if reason is not None:
+        return None, f"kv-cache write left to Inductor: {reason}"
+    site.cache = cw
+    if cw.v is not None and not placeable((site,), order):
+        cw.v, note = None, "v-cache write left to Inductor: v is computed after k is read"
+    return cw, note

@@ -1,6 +1,16 @@
 """The callables a replacement traces and splices in (see splice.py), one per kernel choice.
 
-Each takes only tensors (placeholders of the trace); everything else is bound in the closure.
+``launcher(kernel, group)`` returns ``(fn, args)``: ``fn`` takes the tensors of ``args`` (graph
+nodes: the placeholders of the trace) and returns one value per target of the group's sites, in
+order (``Site.targets``): the RoPE output of a site, or for a site that absorbs a KV-cache write
+the updated key cache (and value cache). Everything else is bound in the closure.
+
+- ``triton``: the Triton kernel through ``wrap_triton`` (Inductor launches it directly); it
+  writes absorbed cache rows itself.
+- ``inline``: the reference recipe as plain torch ops, which Inductor compiles with the rest of the
+  graph (the CPU path: an opaque call there would cost more than it saves).
+- ``reference`` / ``flashinfer``: the ``qkfuse::`` custom ops (opaque calls).
+The last two replay an absorbed cache write as the graph wrote it.
 """
 
 from __future__ import annotations
@@ -8,51 +18,132 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..ops.recipe import Recipe
+from ..patterns.norm_rope import Site
+
+aten = torch.ops.aten
 
 
-def launcher(kernel: str, recipe: Recipe, q, k, q_weight, k_weight, cos, sin,
-             q_eps: float, k_eps: float, q_eps_t, k_eps_t):
-    """(fn, arg nodes) computing the fused op for q (and k) with `kernel`."""
-    named = dict(q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin,
-                 q_eps_t=q_eps_t, k_eps_t=k_eps_t)
-    present = [name for name, v in named.items() if isinstance(v, Node)]
-    args = [named[name] for name in present]
+def _eps_parts(eps):
+    """(float, tensor node or None) for the op's eps / eps_tensor arguments."""
+    return (0.0, eps) if isinstance(eps, Node) else (float(eps), None)
 
-    def bind(tensors):
-        t = dict.fromkeys(named)
-        t.update(zip(present, tensors))
-        return t
 
-    if kernel == "reference" or kernel == "flashinfer":
-        op_args = recipe.op_args()
+class _Inputs:
+    """Collects a group's graph inputs as trace arguments, once each (a node used twice, e.g. one
+    cos for q and k, is one placeholder), and binds the traced tensors back by name."""
 
-        def fn(*tensors):
-            t = bind(tensors)
-            if kernel == "flashinfer":
-                from ..kernels import flashinfer as fi
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.names: dict[str, int] = {}
 
-                return fi.norm_rope_call(t, q_eps, k_eps, recipe)
-            if t["k"] is None:
-                return (torch.ops.qkfuse.norm_rope.default(
-                    t["q"], t["q_weight"], t["cos"], t["sin"], q_eps, t["q_eps_t"], *op_args),)
-            return torch.ops.qkfuse.qk_norm_rope.default(
-                t["q"], t["k"], t["q_weight"], t["k_weight"], t["cos"], t["sin"], q_eps, k_eps,
-                t["q_eps_t"], t["k_eps_t"], *op_args)
+    def add(self, name: str, node):
+        if isinstance(node, Node):
+            if node not in self.nodes:
+                self.nodes.append(node)
+            self.names[name] = self.nodes.index(node)
 
-        return fn, args
+    def bind(self, tensors) -> dict:
+        return {name: tensors[i] for name, i in self.names.items()}
+
+
+def launcher(kernel: str, group: tuple[Site, ...]):
+    """(fn, arg nodes) computing the fused call for `group` (q, or q and k) with `kernel`."""
+    q = group[0]
+    k = group[1] if len(group) > 1 else None
+    recipe = q.recipe
+    ins = _Inputs()
+    for tag, s in (("q", q), ("k", k)):
+        if s is None:
+            continue
+        ins.add(f"{tag}_x", s.x)
+        ins.add(f"{tag}_weight", s.weight)
+        ins.add(f"{tag}_eps_t", _eps_parts(s.eps)[1])
+        if s.cache is not None:
+            ins.add("cache", s.cache.cache)
+            ins.add("index", s.cache.index)
+            if s.cache.v is not None:
+                ins.add("v", s.cache.v.src)
+                ins.add("v_cache", s.cache.v.cache)
+    ins.add("cos", q.cos)
+    ins.add("sin", q.sin)
+    cached = k if k is not None else q  # the one site that may absorb a cache write
+    cw = cached.cache
+    q_eps = _eps_parts(q.eps)[0]
+    k_eps = _eps_parts(k.eps)[0] if k is not None else 0.0
+
+    def inputs(t):
+        qx = t["q_x"].permute(q.perm)
+        kx = None if k is None else t["k_x"].permute(k.perm)
+        v = None if cw is None or cw.v is None else t["v"].permute(cw.v.perm)
+        return qx, kx, v
 
     if kernel == "triton":
         from ..kernels import triton_norm_rope as tk
 
         def fn(*tensors):
-            t = bind(tensors)
-            qe = q_eps if t["q_eps_t"] is None else t["q_eps_t"].item()
-            ke = k_eps if t["k_eps_t"] is None else t["k_eps_t"].item()
-            qo, ko = tk.launch(t["q"], t["k"], t["q_weight"], t["k_weight"], t["cos"], t["sin"], qe, ke,
-                               recipe, traceable=True)
-            return (qo,) if ko is None else (qo, ko)
+            t = ins.bind(tensors)
+            qx, kx, v = inputs(t)
+            qe = q_eps if "q_eps_t" not in t else t["q_eps_t"].item()
+            ke = k_eps if "k_eps_t" not in t else t["k_eps_t"].item()
+            kv = None
+            if cw is not None:
+                kv = tk.CacheTarget(t["cache"], t["index"], cw.dim, v, t.get("v_cache"))
+            qo, ko = tk.launch(qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"),
+                               qe, ke, recipe, traceable=True, cache=kv)
+            if kv is None:
+                return (qo,) if ko is None else (qo, ko)
+            caches = (kv.cache,) + ((kv.v_cache,) if kv.v is not None else ())
+            return ((qo,) if k is not None else ()) + caches  # the cached tensor's rows went into the cache
 
-        return fn, args
+        return fn, ins.nodes
+
+    if kernel in ("inline", "reference", "flashinfer"):
+        op_args = recipe.op_args()
+
+        def rope(t, qx, kx):
+            if kernel == "inline":
+                from ..kernels.reference import norm_rope_reference
+
+                qo = norm_rope_reference(qx, t.get("q_weight"), t.get("cos"), t.get("sin"),
+                                         t.get("q_eps_t", q_eps), recipe, dense_layout=False)
+                ko = None if kx is None else norm_rope_reference(
+                    kx, t.get("k_weight"), t.get("cos"), t.get("sin"), t.get("k_eps_t", k_eps), recipe,
+                    dense_layout=False)
+                return qo, ko
+            if kernel == "flashinfer":
+                from ..kernels import flashinfer as fi
+
+                named = dict(q=qx, k=kx, q_weight=t.get("q_weight"), k_weight=t.get("k_weight"),
+                             cos=t.get("cos"), sin=t.get("sin"))
+                outs = fi.norm_rope_call(named, q_eps, k_eps, recipe)
+                return outs[0], (outs[1] if kx is not None else None)
+            if kx is None:
+                return torch.ops.qkfuse.norm_rope.default(
+                    qx, t.get("q_weight"), t.get("cos"), t.get("sin"), q_eps, t.get("q_eps_t"), *op_args), None
+            return torch.ops.qkfuse.qk_norm_rope.default(
+                qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"), q_eps, k_eps,
+                t.get("q_eps_t"), t.get("k_eps_t"), *op_args)
+
+        def fn(*tensors):
+            t = ins.bind(tensors)
+            qx, kx, v = inputs(t)
+            qo, ko = rope(t, qx, kx)
+            if cw is None:
+                return (qo,) if ko is None else (qo, ko)
+            written = ko if k is not None else qo
+            caches = [_replay_write(cw.node, t["cache"], t["index"], written)]
+            if cw.v is not None:
+                caches.append(_replay_write(cw.v.node, t["v_cache"], t["index"], v))
+            return (*([qo] if k is not None else []), *caches)
+
+        return fn, ins.nodes
 
     raise ValueError(f"qkfuse: unknown kernel {kernel!r}")
+
+
+def _replay_write(node: Node, cache, index, values):
+    """The graph's own functional cache write, on the traced tensors."""
+    if node.target is aten.index_copy.default:
+        return aten.index_copy.default(cache, node.args[1], index, values)
+    indices = [None] * (len(node.args[1]) - 1) + [index]
+    return aten.index_put.default(cache, indices, values, *node.args[3:])

@@ -4,8 +4,8 @@ This is how a replacement enters the post-grad graph. On CUDA the callable launc
 kernel through ``torch.library.wrap_triton``; traced under ``torch.func.functionalize`` it becomes
 ``triton_kernel_wrapper_functional`` + getitem nodes, which Inductor lowers to a direct
 ``kernel.run(...)`` in its generated code (an opaque custom-op call would cost more than the
-fusion saves). On CPU the callable just calls the ``qkfuse::`` custom op. Tracing happens in the
-graph's own fake mode, so symbolic sizes (dynamic=True) become ``sym_size`` nodes of this graph.
+fusion saves). On CPU the callable is plain torch ops (the reference recipe), which Inductor
+compiles into its C++ loops with the rest of the graph. Tracing happens in the graph's own fake mode, so symbolic sizes (dynamic=True) become ``sym_size`` nodes of this graph.
 """
 
 from __future__ import annotations
@@ -46,48 +46,64 @@ def trace(fn: Callable, vals: Sequence) -> torch.fx.GraphModule:
     return gm
 
 
-def splice(graph: torch.fx.Graph, fn: Callable, args: Sequence[Node], *, after: Node, meta_from: Node | None = None) -> list:
-    """Insert the trace of fn(*args) right after `after`; returns the nodes of its outputs."""
-    vals = [a.meta["val"] for a in args]
-    gm = trace(fn, vals)
-    env: dict = {}
+def insert(graph: torch.fx.Graph, gm: torch.fx.GraphModule, args: Sequence[Node], *, after: Node,
+           meta_from: Node | None = None, tag: str | None = None) -> list:
+    """Copy the traced nodes of `gm` into `graph` right after `after`, its placeholders bound to
+    `args`; returns the nodes of its outputs. Nothing is left behind if copying fails.
+
+    The trace's write-backs into its own inputs (``copy_(placeholder, new)``, what functionalize
+    emits for a kernel that mutates an input such as a KV cache) are dropped: the traced outputs
+    carry the new values, and the graph being rewritten keeps its own write-back."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
         raise RuntimeError(f"qkfuse: traced {len(placeholders)} inputs for {len(args)} args")
-    env.update(zip(placeholders, args))
-    outputs = None
+    env: dict = dict(zip(placeholders, args))
     stack_trace = meta_from.meta.get("stack_trace") if meta_from is not None else None
-    with graph.inserting_before(after.next):
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                outputs = torch.fx.map_arg(n.args[0], lambda x: env[x])
-                continue
-            if n.op != "call_function":
-                raise RuntimeError(f"qkfuse: cannot splice a {n.op} node ({n.format_node()})")
-            new = graph.call_function(
-                n.target,
-                torch.fx.map_arg(n.args, lambda x: env[x]),
-                torch.fx.map_arg(n.kwargs, lambda x: env[x]),
-            )
-            for key in ("val", "tensor_meta", "unbacked_bindings"):
-                if key in n.meta:
-                    new.meta[key] = n.meta[key]
-            if stack_trace:
-                new.meta["stack_trace"] = stack_trace
-            env[n] = new
+    new_nodes: list[Node] = []
+    outputs = None
+    try:
+        with graph.inserting_before(after.next):
+            for n in gm.graph.nodes:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "output":
+                    outputs = torch.fx.map_arg(n.args[0], lambda x: env[x])
+                    continue
+                if n.op != "call_function":
+                    raise RuntimeError(f"qkfuse: cannot splice a {n.op} node ({n.format_node()})")
+                if n.target is torch.ops.aten.copy_.default and n.args[0] in placeholders and not n.users:
+                    continue
+                new = graph.call_function(
+                    n.target,
+                    torch.fx.map_arg(n.args, lambda x: env[x]),
+                    torch.fx.map_arg(n.kwargs, lambda x: env[x]),
+                )
+                new_nodes.append(new)
+                for key in ("val", "tensor_meta", "unbacked_bindings"):
+                    if key in n.meta:
+                        new.meta[key] = n.meta[key]
+                if stack_trace:
+                    new.meta["stack_trace"] = stack_trace
+                if tag is not None:
+                    new.meta["qkfuse"] = tag
+                env[n] = new
+    except Exception:
+        for new in reversed(new_nodes):
+            graph.erase_node(new)
+        raise
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def add_view(graph: torch.fx.Graph, x: Node, perm: list[int], *, after: Node) -> Node:
-    """x.permute(perm) as a node (or x itself for the identity), with its fake value."""
-    if perm == list(range(len(perm))):
-        return x
-    with graph.inserting_before(after.next):
-        node = graph.call_function(torch.ops.aten.permute.default, (x, perm))
-    node.meta["val"] = x.meta["val"].permute(perm)
-    return node
+def insertion_point(graph: torch.fx.Graph, inputs: Sequence[Node], order: dict) -> Node:
+    """The latest of `inputs` in graph order, but never among the placeholders (new nodes go after
+    all of them)."""
+    last_placeholder = None
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            break
+        last_placeholder = n
+    latest = max(inputs, key=order.__getitem__)
+    return last_placeholder if latest.op == "placeholder" else latest
 
 
 def erase_dead(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:

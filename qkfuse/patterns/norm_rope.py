@@ -15,8 +15,9 @@ Conditions. Every intermediate of the chain is used only inside it; the norm red
 last dim in float32; the rounding steps are ones the recipe can reproduce; cos/sin broadcast to
 the rotated input and do not depend on it. Otherwise the site is refused with the reason.
 
-Replacement. Chains sharing cos/sin with the same recipe are paired (q and k): one
-``qk_norm_rope`` call, else one ``norm_rope`` call per chain; see qkfuse/passes/emit.py.
+Replacement (qkfuse/passes/replace.py). Chains sharing cos/sin with the same recipe are paired
+(q and k, qkfuse/passes/pairing.py): one ``qk_norm_rope`` call, else one ``norm_rope`` call per
+chain. A k chain whose output is written into a KV cache absorbs the write (patterns/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.fx import Node
 from ..ops.recipe import Recipe
 from . import canon
 from .canon import aten, dtype_of, is_op, tensor_val
+from .kv_cache import CacheWrite
 
 FAMILY = "norm_rope"
 ROPE_ONLY_FAMILY = "rope"
@@ -357,11 +359,34 @@ class Site:
     recipe: Recipe
     interior: list[Node]
     leaves: list[Node]
+    cache: CacheWrite | None = None  # the KV-cache write this (k) site absorbs
 
     @property
     def shape(self):
         v = tensor_val(self.anchor)
         return tuple(v.shape) if v is not None else None
+
+    def anchor_value(self) -> Node:
+        """The node holding the fused op's (RoPE) output value, before any cache write."""
+        return self.anchor
+
+    def targets(self) -> list[Node]:
+        """Nodes whose uses the fused call's outputs take over, in output order."""
+        return self.cache.targets() if self.cache is not None else [self.anchor]
+
+    def input_nodes(self) -> list[Node]:
+        nodes = [n for n in (self.x, self.weight, self.cos, self.sin, self.eps) if isinstance(n, Node)]
+        return nodes + (self.cache.input_nodes() if self.cache is not None else [])
+
+    def output_users(self) -> list[Node]:
+        return [u for t in self.targets() for u in t.users]
+
+    def dead_after_replacement(self) -> list[Node]:
+        nodes = [*self.interior, *self.leaves]
+        if self.cache is not None:
+            nodes += self.cache.targets() + self.cache.views
+            nodes += self.cache.v.interior if self.cache.v is not None else []
+        return nodes
 
     def pair_key(self):
         """Sites with equal keys can share one launch."""
@@ -382,6 +407,9 @@ def _check_interior(site_nodes: list[Node], anchor: Node) -> None:
         if n is anchor:
             continue
         for u in n.users:
+            if u.op == "output":  # a training forward graph returns what backward needs
+                raise Refused(f"intermediate {n.name} is a graph output (with grad enabled: saved for "
+                              "backward, and the fused op has no backward; infer under torch.no_grad())")
             if u not in inside:
                 raise Refused(f"intermediate {n.name} has a user outside the chain ({u.name})")
 
@@ -436,75 +464,3 @@ def candidates(graph: torch.fx.Graph):
             ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
             if any(_rotation(o) is not None or _symbolic_rotation(o) for o in ops):
                 yield n
-
-
-def pair_sites(sites: list[Site]) -> list[tuple[Site, ...]]:
-    """Group sites sharing cos/sin and recipe into (q, k) pairs, in graph order."""
-    groups: dict = {}
-    order = []
-    for s in sites:
-        key = s.pair_key()
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(s)
-    out = []
-    for key in order:
-        g = groups[key]
-        while len(g) >= 2 and _pairable(g[0], g[1]):
-            out.append((g.pop(0), g.pop(0)))
-        out.extend((s,) for s in g)
-    return out
-
-
-def _pairable(a: Site, b: Site) -> bool:
-    """q and k must differ only in the head dim (GQA) for one launch; cos broadcasts over it."""
-    va, vb = tensor_val(a.anchor), tensor_val(b.anchor)
-    if va.dim() != vb.dim() or not canon.same_int(va.shape[-1], vb.shape[-1]):
-        return False
-    diff = [i for i in range(va.dim() - 1) if not canon.same_int(va.shape[i], vb.shape[i])]
-    if len(diff) > 1:
-        return False
-    if diff and a.cos is not None:
-        cv = tensor_val(a.cos)
-        off = va.dim() - cv.dim()
-        ci = diff[0] - off
-        if ci >= 0 and canon.static_int(cv.shape[ci]) != 1:
-            return False
-    return True
-
-
-# ---- replacement -----------------------------------------------------------------------------
-
-
-def _eps_parts(eps):
-    """(float, tensor node or None) for the op's eps / eps_tensor arguments."""
-    return (0.0, eps) if isinstance(eps, Node) else (float(eps), None)
-
-
-def replace(graph: torch.fx.Graph, group: tuple[Site, ...], kernel: str, order: dict) -> list[Node]:
-    """Replace one site, or a (q, k) pair, by one fused call; returns the new output nodes."""
-    from ..passes import splice
-    from ..passes.launchers import launcher
-
-    q, k = group[0], (group[1] if len(group) > 1 else None)
-    inputs = [q.x, q.weight, q.cos, q.sin, q.eps]
-    if k is not None:
-        inputs += [k.x, k.weight, k.eps]
-    latest = max((n for n in inputs if isinstance(n, Node)), key=order.__getitem__)
-    q_in = splice.add_view(graph, q.x, q.perm, after=latest)
-    last = q_in if q_in is not q.x else latest
-    k_in = None
-    if k is not None:
-        k_in = splice.add_view(graph, k.x, k.perm, after=last)
-        last = k_in if k_in is not k.x else last
-    q_eps, q_eps_t = _eps_parts(q.eps)
-    k_eps, k_eps_t = _eps_parts(k.eps) if k is not None else (0.0, None)
-    fn, args = launcher(kernel, q.recipe, q_in, k_in, q.weight, None if k is None else k.weight,
-                        q.cos, q.sin, q_eps, k_eps, q_eps_t, k_eps_t)
-    outs = splice.splice(graph, fn, args, after=last, meta_from=q.anchor)
-    for site, out in zip(group, outs):
-        site.anchor.replace_all_uses_with(out)
-    splice.erase_dead(graph, [n for s in group for n in s.interior])
-    splice.erase_dead(graph, [n for s in group for n in s.leaves])
-    return outs

@@ -517,3 +517,55 @@ def test_cos_sin_cache_with_positions(interp, interleaved, rotary_dim, layout):
     # positions that vary along the heads cannot be served by one gather per token
     assert "head" in tk.supports(q, k, cache, recipe, None, qw, kw, torch.zeros(q.shape[:-1], dtype=torch.long))
     assert "int32/int64" in tk.supports(q, k, cache, recipe, None, qw, kw, positions.float())
+
+
+# ---- KV-cache write in the same launch -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 1), (2, 3)])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_cache_write_matches_index_put(interp, dtype, batch, seq, with_q):
+    """k's rotated rows and v's rows land in their caches at the positions (HF StaticCache's
+    index_copy_), bit for bit what the launch without a cache returns (its accuracy against the
+    reference is the test above); every other cache row is untouched; q is unchanged."""
+    g = torch.Generator().manual_seed(batch * 10 + seq)
+    D, Hq, Hk, L = 32, 4, 2, 9
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    q, k, v = r(batch, seq, Hq, D).transpose(1, 2), r(batch, seq, Hk, D).transpose(1, 2), \
+        r(batch, seq, Hk, D).transpose(1, 2)
+    qw, kw = 1 + 0.3 * r(D), 1 + 0.3 * r(D)
+    cos, sin = r(batch, 1, seq, D), r(batch, 1, seq, D)
+    k_cache, v_cache = r(batch, Hk, L, D), r(batch, Hk, L, D)
+    index = torch.tensor([5, 1, 7][:seq]) if seq > 1 else torch.tensor([-2])  # index_put wraps negatives
+    recipe = Recipe(norm="rms", cast_before_weight=dtype != torch.float32, norm_dtype=dtype, rope_dtype=dtype,
+                    out_dtype=dtype, rotary_dim=D)
+    q_plain, k_plain = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    kc_ref[:, :, index] = k_plain
+    vc_ref[:, :, index] = v
+    assert tk.cache_unsupported(k, k_cache, index, 2, (v, v_cache)) is None
+    target = interp.CacheTarget(k_cache, index, 2, v, v_cache)
+    if with_q:
+        q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe, cache=target)
+        assert k_out is None and torch.equal(q_out, q_plain)
+    else:
+        q_out, k_out = interp.launch(k, None, kw, None, cos, sin, 1e-6, 1e-6, recipe, cache=target)
+        assert q_out is None and k_out is None
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+    assert not torch.equal(k_cache, kc_ref.index_fill(2, index % L, 0))  # the rows were written
+
+
+def test_cache_write_skips_positions_outside_the_cache(interp):
+    """A position past the cache end is not written (index_put would raise; the kernel must never
+    write out of bounds)."""
+    D, L = 16, 4
+    k, v = torch.randn(1, 2, 2, D), torch.randn(1, 2, 2, D)
+    k_cache, v_cache = torch.randn(1, 2, L, D), torch.randn(1, 2, L, D)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    recipe = Recipe(norm="rms", rotary_dim=0)
+    interp.launch(k, None, None, None, None, None, 1e-6, 1e-6, recipe,
+                  cache=interp.CacheTarget(k_cache, torch.tensor([1, L + 3]), 2, v, v_cache))
+    assert torch.equal(k_cache[:, :, [0, 2, 3]], before_k[:, :, [0, 2, 3]])
+    assert torch.equal(v_cache[:, :, [0, 2, 3]], before_v[:, :, [0, 2, 3]])
+    assert torch.equal(v_cache[:, :, 1], v[:, :, 0])

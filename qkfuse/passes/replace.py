@@ -1,0 +1,36 @@
+"""Replace one group of matched sites (q, or q and k) by one fused call.
+
+All fallible work (tracing the launcher) happens before the graph changes; the splice itself
+undoes its own nodes if it fails, so a failed replacement leaves the graph as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.fx import Node
+
+from ..patterns.norm_rope import Site
+from . import splice
+from .launchers import launcher
+
+_call_ids = itertools.count()
+
+
+def replace_group(graph: torch.fx.Graph, group: tuple[Site, ...], kernel: str, order: dict) -> list[Node]:
+    """Replace `group` by one fused call served by `kernel`; returns the new output nodes."""
+    fn, args = launcher(kernel, group)
+    gm = splice.trace(fn, [a.meta["val"] for a in args])
+    targets = [t for s in group for t in s.targets()]
+    returned = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if len(returned) != len(targets):
+        raise RuntimeError(f"qkfuse: the fused call returns {len(returned)} values for {len(targets)} targets")
+    after = splice.insertion_point(graph, args, order)
+    op = "qk_norm_rope" if len(group) > 1 else "norm_rope"
+    outs = splice.insert(graph, gm, args, after=after, meta_from=group[0].anchor,
+                         tag=f"{op}#{next(_call_ids)}")
+    for target, out in zip(targets, outs):
+        target.replace_all_uses_with(out)
+    splice.erase_dead(graph, [n for s in group for n in s.dead_after_replacement()])
+    return outs

@@ -1,0 +1,143 @@
+"""Pairing across layers and containment: one odd site never breaks the compile.
+
+A 2-layer model whose layer-0 q norm has one more user: that q site is refused, and layer 0's k
+must not pair with layer 1's q (layer 1's input is computed from layer 0's attention, which reads
+layer 0's k: one call for both would be a cycle; it used to crash Inductor's topological sort).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import qkfuse
+from qkfuse.options import Options
+from qkfuse.passes import fuse
+from tests.graph_harness import run_pass, scale_error
+from tests.patterns.test_norm_rope_negative import llama_norm, rope
+
+HIDDEN, HQ, HK, D = 32, 4, 2, 8
+
+
+def attention(h, wq, wk, wv, wo, qw, kw, cos, sin, leak_q_norm: bool):
+    B, S, _ = h.shape
+    qn = llama_norm((h @ wq).view(B, S, HQ, D), qw)
+    kn = llama_norm((h @ wk).view(B, S, HK, D), kw)
+    v = (h @ wv).view(B, S, HK, D).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = rope(qn.transpose(1, 2), c, s), rope(kn.transpose(1, 2), c, s)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out = o.transpose(1, 2).reshape(B, S, -1) @ wo
+    if leak_q_norm:  # the normalised q has another user: its site must be refused
+        out = out + qn.sum(dim=(2, 3)).unsqueeze(-1)
+    return h + out
+
+
+def two_layers(h, cos, sin, *weights):
+    """weights: (wq, wk, wv, wo, q_norm_w, k_norm_w) for each of the two layers."""
+    for layer in range(2):
+        h = attention(h, *weights[6 * layer:6 * layer + 6], cos, sin, leak_q_norm=layer == 0)
+    return (h,)
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(dtype)  # noqa: E731
+    B, S = 2, 5
+    ang = torch.rand(B, S, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    weights = []
+    for _ in range(2):
+        weights += [r(HIDDEN, HQ * D), r(HIDDEN, HK * D), r(HIDDEN, HK * D), r(HQ * D, HIDDEN), 1 + r(D), 1 + r(D)]
+    return (r(B, S, HIDDEN), cos, sin, *weights)
+
+
+def test_refused_site_in_one_layer_does_not_pair_across_layers():
+    args = make_inputs()
+    run = run_pass(two_layers, *args)
+    fused = [r for r in run.fused]
+    refused = [r for r in run.refused]
+    assert len(refused) == 1 and "has a user outside the chain" in refused[0].reason
+    assert len(fused) == 3  # layer 0's k alone, layer 1's q and k together
+    assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 1
+    single = next(r for r in fused if r.k_shape is None)
+    assert single.shape[1] == HK  # the lone call is layer 0's k
+    run.rewritten.graph.lint()  # topologically ordered (no cycle)
+    assert scale_error(run.out[0], run.ref[0]) <= 1e-6
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, leak: bool):
+        super().__init__()
+        self.wq, self.wk = torch.nn.Linear(HIDDEN, HQ * D, bias=False), torch.nn.Linear(HIDDEN, HK * D, bias=False)
+        self.wv, self.wo = torch.nn.Linear(HIDDEN, HK * D, bias=False), torch.nn.Linear(HQ * D, HIDDEN, bias=False)
+        self.qw = torch.nn.Parameter(1 + 0.2 * torch.randn(D))
+        self.kw = torch.nn.Parameter(1 + 0.2 * torch.randn(D))
+        self.leak = leak
+
+    def forward(self, h, cos, sin):
+        return attention(h, self.wq.weight.T, self.wk.weight.T, self.wv.weight.T, self.wo.weight.T,
+                         self.qw, self.kw, cos, sin, self.leak)
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Layer(True), Layer(False)])
+
+    def forward(self, h, cos, sin):
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return h
+
+
+def test_multi_layer_model_with_a_refused_site_compiles_and_equals_eager():
+    """The whole compile (Inductor codegen included) of the model that used to crash."""
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    h, cos, sin = make_inputs()[:3]
+    with torch.no_grad():
+        ref = model(h, cos, sin)
+        out = torch.compile(model, backend=qkfuse.qkfuse_backend, fullgraph=True)(h, cos, sin)
+    assert counters["qkfuse"]["norm_rope_calls"] == 2 and counters["qkfuse"]["norm_rope_refused"] == 1
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_an_internal_error_leaves_the_site_unfused_and_logs_it(monkeypatch, caplog):
+    """Containment: an exception while replacing a site is logged and the site stays with Inductor;
+    strict mode (the tests' default, QKFUSE_STRICT=1) re-raises it."""
+    from qkfuse.passes import replace
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fuse, "replace_group", broken)
+    args = make_inputs()
+    monkeypatch.setenv("QKFUSE_STRICT", "0")
+    with caplog.at_level(logging.WARNING, logger="qkfuse"):
+        run = run_pass(two_layers, *args)
+    assert run.fused == [] and run.count("qkfuse") == 0
+    assert sum("internal error while replacing (RuntimeError: boom)" in r.reason for r in run.refused) == 3
+    assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert scale_error(run.out[0], run.ref[0]) == 0.0
+    monkeypatch.setenv("QKFUSE_STRICT", "1")
+    with pytest.raises(Exception, match="boom"):
+        run_pass(two_layers, *args)
+    assert replace.replace_group is not broken  # only the pass's reference was patched
+
+
+def test_an_error_while_matching_is_contained(monkeypatch):
+    from qkfuse.patterns import norm_rope
+
+    def broken(*a, **k):
+        raise KeyError("odd node")
+
+    monkeypatch.setattr(norm_rope, "match_site", broken)
+    monkeypatch.setenv("QKFUSE_STRICT", "0")
+    run = run_pass(two_layers, *make_inputs(),
+                   options=Options())
+    assert run.fused == [] and len(run.refused) == 4
+    assert all("internal error while matching (KeyError" in r.reason for r in run.refused)
