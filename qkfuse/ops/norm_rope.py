@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.reference import cos_sin_from_cache, norm_rope_reference
-from .recipe import Recipe, check_inputs, new_output
-
+from .recipe import Recipe, check_eps_tensor, check_inputs, check_tensor, new_output
 
 
 def _eps(value: float, tensor: Tensor | None):
@@ -42,7 +41,7 @@ def norm_rope(
 ) -> Tensor:
     """RMSNorm (optional) then RoPE (optional) of one tensor [..., head_dim]."""
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    check_inputs(x, weight, cos, sin, recipe)
+    check_single(x, weight, cos, sin, eps_tensor, recipe)
     return norm_rope_reference(x, weight, cos, sin, _eps(eps, eps_tensor), recipe)
 
 
@@ -69,7 +68,7 @@ def qk_norm_rope(
 ) -> tuple[Tensor, Tensor]:
     """The same for q and k with one shared cos/sin: one kernel launch on CUDA."""
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
+    check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
     return (
         norm_rope_reference(q, q_weight, cos, sin, _eps(q_eps, q_eps_tensor), recipe),
         norm_rope_reference(k, k_weight, cos, sin, _eps(k_eps, k_eps_tensor), recipe),
@@ -97,44 +96,82 @@ def qk_norm_rope_cached(
 ) -> tuple[Tensor, Tensor]:
     """qk_norm_rope with vLLM-style RoPE inputs: ``cos_sin_cache`` [max_position, rotary_dim] (cos of
     the rotary_dim/2 frequencies, then their sin) and integer ``positions`` broadcastable to
-    q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D])."""
+    q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D]), each in
+    [0, max_position) (checked: a ValueError otherwise)."""
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    cos, sin = _cached_cos_sin(cos_sin_cache, positions, recipe)
-    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
+    check_cached(q, k, q_weight, k_weight, cos_sin_cache, positions, recipe)
+    check_positions_in_range(positions, cos_sin_cache.shape[0])
+    cos, sin = cos_sin_from_cache(cos_sin_cache, positions, recipe.interleaved)
     return (norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
             norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe))
 
 
-def _check_qk(q, k, q_weight, k_weight, cos, sin, recipe: Recipe) -> None:
-    check_inputs(q, q_weight, cos, sin, recipe, "q")
-    check_inputs(k, k_weight, cos, sin, recipe, "k")
+# ---- validation, shared by the default (CPU), fake and CUDA impls and qkfuse.functional ----------
+# Metadata only, except check_positions_in_range (real impls only: fake impls see no data).
 
 
-def _check_cache(cache: Tensor, positions: Tensor, recipe: Recipe) -> None:
-    if cache.dim() != 2 or cache.shape[-1] != recipe.rotary_dim or recipe.rotary_dim % 2:
-        raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={recipe.rotary_dim}], "
-                         f"got {tuple(cache.shape)}")
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"qkfuse: positions must be int32/int64, got {positions.dtype}")
+def check_single(x, weight, cos, sin, eps_tensor, recipe: Recipe) -> None:
+    check_inputs(x, weight, cos, sin, recipe)
+    check_eps_tensor(eps_tensor, "eps_tensor")
 
 
-def _cached_cos_sin(cache: Tensor, positions: Tensor, recipe: Recipe):
-    _check_cache(cache, positions, recipe)
-    return cos_sin_from_cache(cache, positions, recipe.interleaved)
+def check_qk(q, k, q_weight, k_weight, cos, sin, recipe: Recipe, q_eps_tensor=None, k_eps_tensor=None,
+             rope_shape=None) -> None:
+    check_inputs(q, q_weight, cos, sin, recipe, "q", rope_shape)
+    check_inputs(k, k_weight, cos, sin, recipe, "k", rope_shape)
+    # One launch serves both with q's head_dim, dtype and axes (the Triton kernel assumes it).
+    if k.dtype != q.dtype:
+        raise TypeError(f"qkfuse: q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"qkfuse: k is on {k.device} but q is on {q.device}")
+    if k.dim() != q.dim() or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"qkfuse: k {tuple(k.shape)} must have q's number of dims and head_dim "
+                         f"(q {tuple(q.shape)})")
+    check_eps_tensor(q_eps_tensor, "q_eps_tensor")
+    check_eps_tensor(k_eps_tensor, "k_eps_tensor")
+
+
+def check_cached(q, k, q_weight, k_weight, cache: Tensor, positions: Tensor, recipe: Recipe) -> None:
+    """The cached op's inputs; cache and positions stand in for cos/sin of shape
+    positions.shape + [rotary_dim]."""
+    rd = recipe.rotary_dim
+    check_tensor(q, "q", None)
+    check_tensor(cache, "cos_sin_cache", q.device)
+    if cache.dim() != 2 or cache.shape[-1] != rd or rd <= 0 or rd % 2:
+        raise ValueError(f"qkfuse: cos_sin_cache must be [max_position, rotary_dim={rd}] with an even "
+                         f"rotary_dim > 0, got {tuple(cache.shape)}")
+    check_tensor(positions, "positions", q.device, (torch.int32, torch.int64))
+    check_qk(q, k, q_weight, k_weight, None, None, recipe, rope_shape=(*positions.shape, rd))
+
+
+def check_positions_in_range(positions: Tensor, rows: int) -> None:
+    """Every position indexes a row of the cache: a ValueError otherwise (a data-dependent check:
+    one reduction and one sync). While a CUDA graph is being captured, where a sync is illegal, a
+    device-side assert stops the launch instead (no out-of-bounds read either way)."""
+    if positions.numel() == 0:
+        return
+    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(((positions >= 0) & (positions < rows)).all(),
+                            "qkfuse: positions out of range of cos_sin_cache")
+        return
+    lo, hi = torch.stack(torch.aminmax(positions)).tolist()
+    if lo < 0 or hi >= rows:
+        raise ValueError(f"qkfuse: positions must be in [0, {rows}) (the rows of cos_sin_cache), "
+                         f"got values in [{lo}, {hi}]")
 
 
 @qk_norm_rope_cached.register_fake
 def _qk_norm_rope_cached_fake(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
     recipe = Recipe(*recipe_args)
-    _check_cache(cos_sin_cache, positions, recipe)
+    check_cached(q, k, q_weight, k_weight, cos_sin_cache, positions, recipe)
     return new_output(q, recipe.out_dtype), new_output(k, recipe.out_dtype)
 
 
 @norm_rope.register_fake
 def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
                     norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
-    check_inputs(x, weight, cos, sin, Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype,
-                                             out_dtype, rotary_dim, interleaved))
+    check_single(x, weight, cos, sin, eps_tensor, Recipe(norm, weight_offset, cast_before_weight, norm_dtype,
+                                                         rope_dtype, out_dtype, rotary_dim, interleaved))
     return new_output(x, out_dtype)
 
 
@@ -143,7 +180,7 @@ def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_t
                        norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
                        rotary_dim, interleaved):
     recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
-    _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
+    check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
     return new_output(q, out_dtype), new_output(k, out_dtype)
 
 
@@ -151,13 +188,18 @@ def _eps_value(value: float, tensor: Tensor | None) -> float:
     return value if tensor is None else float(tensor.item())
 
 
-def _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe: Recipe, positions=None):
-    from ..kernels import triton_norm_rope as tk
+def run_kernel(q, k, q_weight, k_weight, cos, sin, q_eps: float, k_eps: float, recipe: Recipe, positions=None,
+               kernels=None):
+    """Validated inputs → the Triton kernel where it computes them exactly (tk.supports), else the
+    reference. With positions, cos is the cos/sin cache (range-checked by the caller) and sin unused.
+    ``kernels``: the Triton kernel module (tests pass a copy run by Triton's interpreter)."""
+    if kernels is None:
+        from ..kernels import triton_norm_rope as kernels
 
-    if tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, positions) is None:
-        return tk.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, positions=positions)
+    if kernels.supports(q, k, cos, recipe, sin, q_weight, k_weight, positions) is None:
+        return kernels.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, positions=positions)
     if positions is not None:
-        cos, sin = _cached_cos_sin(cos, positions, recipe)
+        cos, sin = cos_sin_from_cache(cos, positions, recipe.interleaved)
     return (
         norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
         None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe),
@@ -173,26 +215,24 @@ def _register_cuda_kernels() -> None:
     @norm_rope.register_kernel("cuda")
     def _norm_rope_cuda(x, weight, cos, sin, eps, eps_tensor, *recipe_args):
         recipe = Recipe(*recipe_args)
-        check_inputs(x, weight, cos, sin, recipe)
+        check_single(x, weight, cos, sin, eps_tensor, recipe)
         e = _eps_value(eps, eps_tensor)
-        return _cuda_or_reference(x, None, weight, None, cos, sin, e, e, recipe)[0]
+        return run_kernel(x, None, weight, None, cos, sin, e, e, recipe)[0]
 
     @qk_norm_rope.register_kernel("cuda")
     def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
                            *recipe_args):
         recipe = Recipe(*recipe_args)
-        _check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
-        return _cuda_or_reference(q, k, q_weight, k_weight, cos, sin, _eps_value(q_eps, q_eps_tensor),
-                                  _eps_value(k_eps, k_eps_tensor), recipe)
-
+        check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
+        return run_kernel(q, k, q_weight, k_weight, cos, sin, _eps_value(q_eps, q_eps_tensor),
+                          _eps_value(k_eps, k_eps_tensor), recipe)
 
     @qk_norm_rope_cached.register_kernel("cuda")
     def _qk_norm_rope_cached_cuda(q, k, q_weight, k_weight, cos_sin_cache, positions, q_eps, k_eps, *recipe_args):
         recipe = Recipe(*recipe_args)
-        _check_cache(cos_sin_cache, positions, recipe)
-        table = cos_sin_cache[:1].expand(*positions.shape, recipe.rotary_dim)  # shapes only, no gather
-        _check_qk(q, k, q_weight, k_weight, table, table, recipe)
-        return _cuda_or_reference(q, k, q_weight, k_weight, cos_sin_cache, None, q_eps, k_eps, recipe, positions)
+        check_cached(q, k, q_weight, k_weight, cos_sin_cache, positions, recipe)
+        check_positions_in_range(positions, cos_sin_cache.shape[0])
+        return run_kernel(q, k, q_weight, k_weight, cos_sin_cache, None, q_eps, k_eps, recipe, positions)
 
 
 _register_cuda_kernels()

@@ -69,16 +69,74 @@ class Recipe:
         return " + ".join(parts) or "identity"
 
 
-def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x") -> None:
-    """Validate one tensor's inputs against a recipe; raises ValueError with a clear message."""
+# Dtypes the reference computes (what the matched graphs use); the GPU kernels take DTYPE_CODES.
+FLOAT_DTYPES = (*DTYPE_CODES, torch.float64)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Validate a recipe on its own (no tensors): TypeError for a wrong type, ValueError otherwise."""
     if recipe.norm not in NORM_KINDS:
         raise ValueError(f"qkfuse: norm must be one of {NORM_KINDS}, got {recipe.norm!r}")
+    for field in ("norm_dtype", "rope_dtype", "out_dtype"):
+        dt = getattr(recipe, field)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"qkfuse: {field} must be one of {[_dtype_name(d) for d in FLOAT_DTYPES]}, got {dt}")
+    if not isinstance(recipe.rotary_dim, int) or isinstance(recipe.rotary_dim, bool):
+        raise TypeError(f"qkfuse: rotary_dim must be an int, got {type(recipe.rotary_dim).__name__}")
+
+
+def check_tensor(t, name: str, device, dtypes=FLOAT_DTYPES) -> None:
+    """t is a tensor of one of `dtypes` on `device` (None: any device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"qkfuse: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"qkfuse: {name} dtype must be one of {[_dtype_name(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"qkfuse: {name} is on {t.device} but the input is on {device}")
+
+
+def check_table_shape(shape, tname: str, x, name: str, rd: int) -> None:
+    """A per-token table of shape `shape` (cos, sin, positions + [rd]) broadcasts to x's rows."""
+    if shape[-1] != rd:
+        raise ValueError(f"qkfuse: {tname} last dim must equal rotary_dim={rd}, got {tuple(shape)}")
+    lead, rows = shape[:-1], x.shape[:-1]
+    symbolic = any(isinstance(v, torch.SymInt) for v in (*lead, *rows))
+    if not symbolic and len(lead) <= len(rows) and all(
+            a == 1 or a == b for a, b in zip(reversed(lead), reversed(rows))):
+        return  # fits (the common case, without torch.broadcast_shapes' ~10 us)
+    try:
+        full = torch.broadcast_shapes(shape[:-1], x.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"qkfuse: {tname} of shape {tuple(shape)} does not broadcast to {name} {tuple(x.shape)} "
+            f"(too few or too many positions?)"
+        ) from None
+    if full != x.shape[:-1]:
+        raise ValueError(f"qkfuse: {tname} {tuple(shape)} is larger than {name} {tuple(x.shape)}")
+
+
+def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shape=None) -> None:
+    """Validate one tensor's inputs against a recipe: metadata only (fake impls call it too).
+
+    TypeError for a wrong type or dtype, ValueError (naming the argument) for anything else.
+    ``rope_shape``: the shape cos/sin would have when they are not given as tensors (the cached
+    op gathers them from a cache: positions.shape + [rotary_dim]).
+    """
+    check_recipe(recipe)
+    check_tensor(x, name, None)
     if x.dim() < 2:
         raise ValueError(f"qkfuse: {name} must have at least 2 dims [..., head_dim], got {tuple(x.shape)}")
     head_dim = x.shape[-1]
+    if head_dim == 0:
+        raise ValueError(f"qkfuse: {name} has head_dim 0")
     if weight is not None:
         if recipe.norm == "none":
             raise ValueError("qkfuse: a weight was given but norm='none'")
+        check_tensor(weight, f"{name} weight", x.device)
         if weight.dim() != 1 or weight.shape[0] != head_dim:
             raise ValueError(
                 f"qkfuse: {name} weight must have shape [{head_dim}] (per-head norm), got {tuple(weight.shape)}"
@@ -86,22 +144,28 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x") -> None:
     rd = recipe.rotary_dim
     if rd < 0 or rd > head_dim or rd % 2:
         raise ValueError(f"qkfuse: rotary_dim must be even and in [0, {head_dim}], got {rd}")
-    if rd:
+    if rd and rope_shape is not None:
+        check_table_shape(rope_shape, "positions (+ [rotary_dim])", x, name, rd)
+    elif rd:
         if cos is None or sin is None:
             raise ValueError("qkfuse: rotary_dim > 0 needs cos and sin")
         for t, tname in ((cos, "cos"), (sin, "sin")):
-            if t.shape[-1] != rd:
-                raise ValueError(f"qkfuse: {tname} last dim must equal rotary_dim={rd}, got {tuple(t.shape)}")
-            try:
-                torch.broadcast_shapes(t.shape[:-1], x.shape[:-1])
-            except RuntimeError:
-                raise ValueError(
-                    f"qkfuse: {tname} of shape {tuple(t.shape)} does not broadcast to {name} {tuple(x.shape)}"
-                ) from None
-            if torch.broadcast_shapes(t.shape[:-1], x.shape[:-1]) != x.shape[:-1]:
-                raise ValueError(f"qkfuse: {tname} {tuple(t.shape)} is larger than {name} {tuple(x.shape)}")
-    elif recipe.norm == "none":
-        raise ValueError("qkfuse: nothing to do (norm='none' and rotary_dim=0)")
+            check_tensor(t, tname, x.device)
+            check_table_shape(t.shape, tname, x, name, rd)
+    else:
+        if cos is not None or sin is not None:
+            raise ValueError("qkfuse: cos/sin were given but rotary_dim=0")
+        if recipe.norm == "none":
+            raise ValueError("qkfuse: nothing to do (norm='none' and rotary_dim=0)")
+
+
+def check_eps_tensor(t, name: str) -> None:
+    """A tensor eps (the pass's lifted module float): one float value, on any device."""
+    if t is None:
+        return
+    check_tensor(t, name, None)
+    if t.numel() != 1:
+        raise ValueError(f"qkfuse: {name} must hold one value, got shape {tuple(t.shape)}")
 
 
 def _hint(v) -> int:

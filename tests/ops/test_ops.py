@@ -280,5 +280,22 @@ def test_qk_norm_rope_cached_rejects_bad_inputs():
     q, k, qw, kw, cache, positions, recipe = _cached_inputs()
     with pytest.raises(ValueError, match="cos_sin_cache must be"):
         torch.ops.qkfuse.qk_norm_rope_cached(q, k, qw, kw, cache[:, :8], positions, 1e-6, 1e-6, *recipe.op_args())
-    with pytest.raises(ValueError, match="positions must be int32/int64"):
+    with pytest.raises(TypeError, match=r"positions dtype must be one of \['int32', 'int64'\]"):
         torch.ops.qkfuse.qk_norm_rope_cached(q, k, qw, kw, cache, positions.float(), 1e-6, 1e-6, *recipe.op_args())
+
+
+@pytest.mark.parametrize("bad", [-1, 17, 1000])
+def test_qk_norm_rope_cached_positions_out_of_range(bad):
+    """Eager: a clear error (never a wrapped-around or out-of-bounds read). The fake impl sees no
+    data and checks metadata only, so tracing with the same inputs succeeds."""
+    q, k, qw, kw, cache, positions, recipe = _cached_inputs()
+    positions[2, 0] = bad
+    args = (q, k, qw, kw, cache, positions, 1e-6, 1e-6, *recipe.op_args())
+    lo, hi = positions.min().item(), positions.max().item()
+    with pytest.raises(ValueError, match=rf"positions must be in \[0, 17\).*got values in \[{lo}, {hi}\]"):
+        torch.ops.qkfuse.qk_norm_rope_cached(*args)
+    mode = FakeTensorMode()
+    fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode:
+        qo, ko = torch.ops.qkfuse.qk_norm_rope_cached(*fake_args)
+    assert qo.shape == q.shape and ko.shape == k.shape
