@@ -1,7 +1,9 @@
-"""Shared test setup: Hypothesis profiles and small helpers.
+"""Shared test setup: Hypothesis profiles, strict errors and small helpers.
 
 Profiles: ``ci`` (default; bounded examples so the suite stays well under 20 minutes on 2 CPU
-cores) and ``dev`` (many more examples): ``pytest --hypothesis-profile=dev``.
+cores; derandomized, so every run of a clean clone tries the same examples) and ``dev`` (many more,
+random examples): ``pytest --hypothesis-profile=dev`` or ``HYPOTHESIS_PROFILE=dev``. No health
+check is suppressed here: a test that needs one off says so itself.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               derandomize=False, print_blob=True)
-settings.register_profile("ci", max_examples=40, **_COMMON)
+# The pass re-raises errors met on a site instead of leaving it unfused (Options.strict_errors):
+# a bug must fail its test, not pass as a refused site. Subprocesses of tests inherit it.
+os.environ.setdefault("QKFUSE_STRICT", "1")
+
+_COMMON = dict(deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=400, **_COMMON)
+# --hypothesis-profile (Hypothesis' pytest plugin, applied after this file loads) overrides this.
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # dtype -> unit roundoff (half an ulp at 1.0): tolerances in the tests are multiples of it.
