@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 
@@ -117,6 +118,17 @@ def _compile_kwargs(dynamic, mode, options, fullgraph=False) -> dict:
     return kw
 
 
+def _warn_if_training(modules, what: str) -> None:
+    """One warning per call: training graphs save the norm/RoPE intermediates for backward, so the
+    pass leaves every site alone there and the user gets Inductor without the fusion."""
+    if any(m.training for m in modules):
+        warnings.warn(
+            f"{what}: the model is in training mode. qkfuse fuses nothing in modules run with grad enabled "
+            "(training graphs save the norm and RoPE intermediates for backward); for inference call "
+            "model.eval() and run it under torch.no_grad() or torch.inference_mode().",
+            stacklevel=3)
+
+
 def fuse(obj=None, *, dynamic: bool | None = None, mode: str | None = None, options: dict | None = None,
          fullgraph: bool = False):
     """Compile with the qkfuse backend. Works on an nn.Module class, an instance, or a function.
@@ -140,6 +152,7 @@ def fuse(obj=None, *, dynamic: bool | None = None, mode: str | None = None, opti
         return obj
     if isinstance(obj, torch.nn.Module):
         if not getattr(obj, "_qkfuse_fused", False):
+            _warn_if_training([obj], "qkfuse.fuse")
             obj.compile(**kw)
             obj._qkfuse_fused = True
         return obj
@@ -196,6 +209,7 @@ def optimize(model: torch.nn.Module, *, dynamic: bool | None = None, mode: str |
         return model
     kw = _compile_kwargs(dynamic, mode, options)
     regions = compile_regions(model)
+    _warn_if_training([model, *regions], "qkfuse.optimize")
     for region in regions:
         if not getattr(region, "_qkfuse_fused", False):
             region.compile(**kw)

@@ -48,7 +48,10 @@ def explain(model_or_fn, *args, dynamic: bool | None = None, options: dict | Non
     candidate site: family, shapes, dtype, fused or refused and why.
 
     The compile bypasses the FX graph and AOT caches (a cache hit would skip the pass) and does not
-    change ``model_or_fn``; it runs under ``torch.no_grad()`` (the pass targets inference graphs).
+    change ``model_or_fn``. It runs in the caller's grad mode, so the report matches what a compile
+    in that mode gets: with grad enabled and parameters or inputs that require grad, the graphs save
+    the chains' intermediates for backward and the pass refuses those sites; call it under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` to see the inference graphs.
     """
     from torch._inductor import config as inductor_config
 
@@ -62,7 +65,7 @@ def explain(model_or_fn, *args, dynamic: bool | None = None, options: dict | Non
 
     patches = inductor_config.patch({"fx_graph_cache": False})
     compiled = torch.compile(model_or_fn, backend=backend, dynamic=dynamic)
-    with collect() as records, patches, torch.no_grad(), _no_autograd_cache():
+    with collect() as records, patches, _no_autograd_cache():
         compiled(*args, **kwargs)
     # number graphs 0, 1, ... in this report (the pass numbers them process-wide)
     ids = {g: i for i, g in enumerate(dict.fromkeys(r.graph for r in records))}
