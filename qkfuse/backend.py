@@ -111,9 +111,15 @@ def register() -> None:
 def _compile_kwargs(dynamic, mode, options, fullgraph=False) -> dict:
     split_options(options)  # validate early, at decoration time
     kw = dict(backend=qkfuse_backend, dynamic=dynamic, fullgraph=fullgraph)
-    if mode is not None:
+    if mode is not None and options:
+        # torch.compile refuses mode= with options=: pass the mode's Inductor options merged with
+        # the caller's (which win), as options alone.
+        from torch._inductor import list_mode_options
+
+        kw["options"] = {**list_mode_options(mode), **options}
+    elif mode is not None:
         kw["mode"] = mode
-    if options:
+    elif options:
         kw["options"] = options
     return kw
 
