@@ -7,6 +7,7 @@
 """
 
 from . import ops  # noqa: F401  (registers the qkfuse:: custom ops)
+from . import _logging  # noqa: F401  (registers the qkfuse logger with TORCH_LOGS)
 from .backend import fuse, optimize, qkfuse_backend, register
 from .explain import Report, explain
 from .options import Options
