@@ -85,7 +85,9 @@ def check_recipe(recipe: Recipe) -> None:
         dt = getattr(recipe, field)
         if dt not in FLOAT_DTYPES:
             raise TypeError(f"qkfuse: {field} must be one of {[_dtype_name(d) for d in FLOAT_DTYPES]}, got {dt}")
-    if not isinstance(recipe.rotary_dim, int) or isinstance(recipe.rotary_dim, bool):
+    # (symbolic under torch.compile(dynamic=True): the fake impls check shapes with it, and the
+    # real impls get an int)
+    if not isinstance(recipe.rotary_dim, (int, torch.SymInt)) or isinstance(recipe.rotary_dim, bool):
         raise TypeError(f"qkfuse: rotary_dim must be an int, got {type(recipe.rotary_dim).__name__}")
 
 
