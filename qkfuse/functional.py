@@ -211,6 +211,8 @@ def _with_heads_axis(t: Tensor, q: Tensor, name: str, rank_without: int, axis: i
 
 
 def _number(v, name: str):
+    if type(v) is float:  # the common case, before the slower ABC check
+        return v
     if isinstance(v, torch.SymFloat):  # a float input that torch.compile made dynamic
         return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):

@@ -196,7 +196,8 @@ def run_kernel(q, k, q_weight, k_weight, cos, sin, q_eps: float, k_eps: float, r
     if kernels is None:
         from ..kernels import triton_norm_rope as kernels
 
-    if kernels.supports(q, k, cos, recipe, sin, q_weight, k_weight, positions) is None:
+    if not _rounds_tables(cos, sin, recipe) and kernels.supports(q, k, cos, recipe, sin, q_weight, k_weight,
+                                                                 positions) is None:
         return kernels.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, positions=positions)
     if positions is not None:
         cos, sin = cos_sin_from_cache(cos, positions, recipe.interleaved)
@@ -204,6 +205,15 @@ def run_kernel(q, k, q_weight, k_weight, cos, sin, q_eps: float, k_eps: float, r
         norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
         None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe),
     )
+
+
+def _rounds_tables(cos, sin, recipe: Recipe) -> bool:
+    """cos/sin (or the cache) are wider than rope_dtype: the recipe rounds them to it before the
+    products (``cos.to(rope_dtype)``), which the Triton kernel does not do (it multiplies the
+    loaded values). The pass never asks for it (its rope_dtype is the promotion of cos's dtype);
+    an explicit rope_dtype of the functional API can."""
+    return bool(recipe.rotary_dim) and any(
+        torch.promote_types(t.dtype, recipe.rope_dtype) != recipe.rope_dtype for t in (cos, sin) if t is not None)
 
 
 def _register_cuda_kernels() -> None:

@@ -106,10 +106,11 @@ def check_table_shape(shape, tname: str, x, name: str, rd: int) -> None:
     if shape[-1] != rd:
         raise ValueError(f"qkfuse: {tname} last dim must equal rotary_dim={rd}, got {tuple(shape)}")
     lead, rows = shape[:-1], x.shape[:-1]
-    symbolic = any(isinstance(v, torch.SymInt) for v in (*lead, *rows))
-    if not symbolic and len(lead) <= len(rows) and all(
+    # The common case without torch.broadcast_shapes' ~10 us, for plain tensors (fake ones, whose
+    # sizes may be symbolic, take torch.broadcast_shapes as before).
+    if type(x) is torch.Tensor and len(lead) <= len(rows) and all(
             a == 1 or a == b for a, b in zip(reversed(lead), reversed(rows))):
-        return  # fits (the common case, without torch.broadcast_shapes' ~10 us)
+        return
     try:
         full = torch.broadcast_shapes(shape[:-1], x.shape[:-1])
     except RuntimeError:
@@ -153,7 +154,8 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
             raise ValueError("qkfuse: rotary_dim > 0 needs cos and sin")
         for t, tname in ((cos, "cos"), (sin, "sin")):
             check_tensor(t, tname, x.device)
-            check_table_shape(t.shape, tname, x, name, rd)
+            if t is cos or t.shape != cos.shape:
+                check_table_shape(t.shape, tname, x, name, rd)
     else:
         if cos is not None or sin is not None:
             raise ValueError("qkfuse: cos/sin were given but rotary_dim=0")
