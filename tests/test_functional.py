@@ -126,11 +126,11 @@ def eager(spec: Spec, q, k, qw, kw, cos, sin, q_eps=1e-6, k_eps=1e-6):
     return apply_rotary_pos_emb(qn, kn, cos, sin, interleaved=spec.interleaved)
 
 
-def assert_close_to_eager(out, ref, exact_units=2.0):
-    """float32: 1e-6 of the tensor's max; 16-bit: `exact_units` of the dtype's rounding at that scale."""
+def assert_close_to_eager(out, ref, units=2.0, f32_rel=1e-6):
+    """float32: f32_rel of the tensor's max; 16-bit: `units` of the dtype's rounding at that scale."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
     scale = ref.double().abs().max().item()
-    tol = 1e-6 * scale if ref.dtype == F32 else exact_units * 2 * UNIT_ROUNDOFF[ref.dtype] * scale
+    tol = f32_rel * scale if ref.dtype == F32 else units * 2 * UNIT_ROUNDOFF[ref.dtype] * scale
     err = (out.double() - ref.double()).abs().max().item()
     assert err <= tol, f"{err:.3g} > {tol:.3g}"
 
