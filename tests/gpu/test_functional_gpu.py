@@ -150,8 +150,9 @@ def test_every_defect_on_every_entry_cuda():
         fuzz.check(c, device="cuda", exact=False)
 
 
-@settings(max_examples=300, **fuzz._SETTINGS)
-@given(c=fuzz.cases(head_dims=(16, 24, 32, 40, 64, 128), max_seq=9))
+# Each new (head_dim, rotary_dim, recipe, layout) compiles a kernel (~1 s): 150 cases, a few minutes.
+@settings(max_examples=150, **fuzz._SETTINGS)
+@given(c=fuzz.cases(head_dims=(16, 24, 40, 64, 128), max_seq=9))
 def test_fuzz_error_or_reference_cuda(c):
     fuzz.check(c, device="cuda", exact=False)
 

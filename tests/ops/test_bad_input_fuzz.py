@@ -357,6 +357,9 @@ def expected(a: Call) -> tuple:
     return tuple(outs), recipe
 
 
+ROUNDOFF = {**UNIT_ROUNDOFF, torch.float64: 2.0**-53}
+
+
 def _coarsest(recipe: Recipe, x_dtype, has_weight: bool):
     dts = [recipe.out_dtype]
     if recipe.norm == "rms":
@@ -365,7 +368,7 @@ def _coarsest(recipe: Recipe, x_dtype, has_weight: bool):
             dts.append(x_dtype)
     if recipe.rotary_dim:
         dts.append(recipe.rope_dtype)
-    return max(dts, key=lambda dt: UNIT_ROUNDOFF.get(dt, 0.0))
+    return max(dts, key=lambda dt: ROUNDOFF[dt])
 
 
 def assert_matches(out: tuple, ref: tuple, recipe: Recipe, a: Call, exact: bool, interpreted: bool = False):
@@ -385,13 +388,13 @@ def assert_matches(out: tuple, ref: tuple, recipe: Recipe, a: Call, exact: bool,
             continue
         assert torch.equal(o64[r64.isinf()], r64[r64.isinf()])
         coarse = _coarsest(recipe, x.dtype, w is not None)
-        if coarse == torch.float32:
+        if coarse in (torch.float32, torch.float64):
             units = x.shape[-1] + 8  # the sum of squares in another order, doubled by RoPE
         else:
             units = 12 if interpreted and coarse == torch.bfloat16 else 4
         scale = max(r64[finite].abs().max().item(), 1.0)
         err = (o64[finite] - r64[finite]).abs().max().item()
-        assert err <= units * UNIT_ROUNDOFF[coarse] * scale, (err, units, coarse, scale)
+        assert err <= units * ROUNDOFF[coarse] * scale, (err, units, coarse, scale)
 
 
 def check(c: Case, device: str = "cpu", exact: bool = True, interpreted: bool = False) -> None:
