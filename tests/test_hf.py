@@ -27,9 +27,15 @@ def gemma3():
     return transformers.Gemma3ForCausalLM(cfg)
 
 
+# The opaque reference op shows each fused call in the profiler at run time; the default on CPU
+# (inline torch ops, compiled by Inductor with the rest) is checked through the pass's counters.
+REFERENCE = {"qkfuse.kernels": "reference"}
+
+
 def fused_calls_per_forward(model, ids):
-    """qkfuse ops run by one inference forward (with grad enabled the graph differs: training graphs
-    save the chain's intermediates for backward, and the pass leaves such chains alone)."""
+    """qkfuse::qk_norm_rope calls run by one inference forward of a model optimized with REFERENCE
+    (with grad enabled the graph differs: training graphs save the chain's intermediates for
+    backward, and the pass leaves such chains alone)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
         model(ids)
     return sum(1 for e in prof.events() if e.name == "qkfuse::qk_norm_rope")
@@ -43,7 +49,7 @@ def test_optimize_matches_eager_and_fuses_every_layer(build):
     eager = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
-        assert qkfuse.optimize(model) is model
+        assert qkfuse.optimize(model, options=REFERENCE) is model
         logits = model(ids).logits
         ref = eager(ids).logits
         assert float((logits - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -73,7 +79,10 @@ def test_optimize_bf16_within_dtype_rounding():
     err_eager = float((ref.double() - r64).abs().max())
     # Inductor fuses the rest of the block too, so not bit-equal; no worse than eager bf16 (x2)
     assert err_fused <= 2 * err_eager, (err_fused, err_eager)
-    assert fused_calls_per_forward(model, ids) == LAYERS
+    # every compiled layer graph: q and k in one call
+    assert counters["qkfuse"]["norm_rope_calls"] >= 1
+    assert counters["qkfuse"]["norm_rope_sites"] == 2 * counters["qkfuse"]["norm_rope_calls"]
+    assert counters["qkfuse"]["norm_rope_refused"] == 0
 
 
 def test_compile_regions_picks_decoder_layers():
@@ -101,11 +110,12 @@ def test_optimize_diffusers_flux():
     kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
               pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
               img_ids=torch.randn(16, 3), txt_ids=torch.zeros(8, 3))
-    report = qkfuse.explain(model, **kw)
+    with torch.no_grad():
+        report = qkfuse.explain(model, **kw)
     assert len(report.fused) == 2 * 2  # q and k of both single-stream blocks
     assert all("concatenation" in r.reason for r in report.refused) and len(report.refused) == 2
     with torch.no_grad():
-        qkfuse.optimize(model)
+        qkfuse.optimize(model, options=REFERENCE)
         out, ref = model(**kw).sample, eager(**kw).sample
         assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -108,13 +108,18 @@ class _Run:
 
     def replace(self, sites: list[norm_rope.Site], order: dict) -> None:
         for group in group_sites(sites, order):
-            for grp, kernel, note in _groups_to_try(group, self.options):
+            order = {n: i for i, n in enumerate(self.graph.nodes)}  # earlier replacements moved nodes
+            if len(group) > 1 and not placeable(group, order):  # earlier merges made it a cycle
+                group_list = [(s,) for s in group]
+            else:
+                group_list = [group]
+            for grp, kernel, note in (t for g in group_list for t in _groups_to_try(g, self.options)):
                 if kernel is None:
                     for s in grp:
                         self.record(s, False, note)
                     continue
                 try:
-                    replace_group(self.graph, grp, kernel, order)
+                    replace_group(self.graph, grp, kernel, {n: i for i, n in enumerate(self.graph.nodes)})
                 except Exception as e:
                     reason = _internal_error("replacing", grp[0].anchor, e, self.options)
                     for s in grp:

@@ -1,10 +1,14 @@
 """Pairing: which matched sites share one fused call (q and k of one attention), and where it goes.
 
 Two sites may share a call when the pattern says their data fit one launch (same recipe and
-cos/sin, shapes that differ only in the head dim) *and* the call can be placed: it goes right after
-the latest of both sites' inputs, so that point must come before every user of both outputs. In a
-multi-layer graph whose layer-0 q site was refused, layer 0's k must not pair with layer 1's q:
-layer 1's q is computed from layer 0's attention, which reads layer 0's k (a cycle).
+cos/sin, shapes that differ only in the head dim) *and* one call computing both is acyclic: no
+input of either site may be computed from an output of either. In a multi-layer graph whose
+layer-0 q site was refused, layer 0's k must not pair with layer 1's q: layer 1's q is computed from
+layer 0's attention, which reads layer 0's k.
+
+The call goes right after the latest of the group's inputs; users of the outputs that come before
+that point (e.g. q's transpose, placed right after q) move down behind it. The check runs on the
+graph as it is when the group is replaced (earlier replacements merged other pairs).
 """
 
 from __future__ import annotations
@@ -15,11 +19,27 @@ from ..patterns.canon import same_int, static_int, tensor_val
 Site = norm_rope.Site
 
 
+def early_users(group: tuple[Site, ...], order: dict) -> list | None:
+    """The nodes computed from the group's outputs that come before its latest input (in graph
+    order; they move behind the fused call), or None if an input is among them (a cycle)."""
+    inputs = {n for s in group for n in s.input_nodes()}
+    latest = max((order[n] for n in inputs), default=-1)
+    seen: set = set()
+    stack = [u for s in group for u in s.output_users()]
+    while stack:
+        n = stack.pop()
+        if n in seen or order[n] >= latest and n not in inputs:
+            continue  # after every input: cannot lead back to one (the graph is ordered)
+        if n in inputs:
+            return None
+        seen.add(n)
+        stack.extend(n.users)
+    return sorted(seen, key=order.__getitem__)
+
+
 def placeable(group: tuple[Site, ...], order: dict) -> bool:
-    """A call computing every site of `group` fits after all their inputs and before all their users."""
-    latest = max((order[n] for s in group for n in s.input_nodes()), default=-1)
-    first_use = min((order[u] for s in group for u in s.output_users()), default=len(order))
-    return latest < first_use
+    """One call can compute every site of `group` without a cycle."""
+    return early_users(group, order) is not None
 
 
 def shapes_fit_one_launch(a: Site, b: Site) -> bool:

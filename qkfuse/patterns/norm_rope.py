@@ -408,8 +408,9 @@ def _check_interior(site_nodes: list[Node], anchor: Node) -> None:
             continue
         for u in n.users:
             if u.op == "output":  # a training forward graph returns what backward needs
-                raise Refused(f"intermediate {n.name} is a graph output (with grad enabled: saved for "
-                              "backward, and the fused op has no backward; infer under torch.no_grad())")
+                raise Refused(f"intermediate {n.name} has a user outside the chain: it is a graph output "
+                              "(returned, or saved for backward with grad enabled: the fused op has no "
+                              "backward; infer under torch.no_grad())")
             if u not in inside:
                 raise Refused(f"intermediate {n.name} has a user outside the chain ({u.name})")
 

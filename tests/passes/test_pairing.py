@@ -141,3 +141,27 @@ def test_an_error_while_matching_is_contained(monkeypatch):
                    options=Options())
     assert run.fused == [] and len(run.refused) == 4
     assert all("internal error while matching (KeyError" in r.reason for r in run.refused)
+
+
+def test_users_before_the_latest_input_move_behind_the_call():
+    """q is rotated and used before k is even projected (diffusers writes q's path first): one call
+    still serves both, and q's users move behind it."""
+
+    def fn(h, cos, sin, wq, wk, qw, kw):
+        B, S, _ = h.shape
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = rope(llama_norm((h @ wq).view(B, S, HQ, D), qw).transpose(1, 2), c, s)
+        q_scaled = (q * 0.5).transpose(1, 2).reshape(B, S, -1)  # a consumer of q before k exists
+        k = rope(llama_norm((h @ wk).view(B, S, HK, D), kw).transpose(1, 2), c, s)
+        return q_scaled @ wq.T, k
+
+    h, cos, sin, wq, wk, _, _, qw, kw = make_inputs()[:9]
+    run = run_pass(fn, h, cos, sin, wq, wk, qw, kw)
+    order = {n: i for i, n in enumerate(run.original.graph.nodes)}
+    q_anchor = next(n for n in run.original.graph.nodes if n.name == run.fused[0].node)
+    k_proj = max((n for n in run.original.graph.nodes if n.target is torch.ops.aten.mm.default), key=order.get)
+    assert min(order[u] for u in q_anchor.users) < order[k_proj]  # the case this test is about
+    assert run.count("qkfuse.qk_norm_rope") == 1 and len(run.fused) == 2
+    run.rewritten.graph.lint()
+    for out, ref in zip(run.out, run.ref):
+        assert scale_error(out, ref) <= 1e-6
