@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import re
 from unittest import mock
 
@@ -479,7 +480,14 @@ def test_every_defect_on_every_entry():
 
 @pytest.fixture(scope="module")
 def interp():
+    """An interpreted copy of the kernel module (tests/kernels/test_triton_interpret.py's loader:
+    TRITON_INTERPRET is set only while the copy is decorated, and triton.language is restored)."""
     pytest.importorskip("triton")
+    import sys
+
+    import triton.language as tl
+
+    from qkfuse.kernels import triton_norm_rope as tk
     from tests.kernels import test_triton_interpret as ti
 
     with ti._interpreted_triton_language():
@@ -487,9 +495,9 @@ def interp():
         try:
             yield mod
         finally:
-            import sys
-
             sys.modules.pop(name, None)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # later tests in this process compile real kernels
+        assert type(tk.qk_norm_rope_kernel).__name__ == "JITFunction" and type(tl.zeros).__name__ == "JITFunction"
 
 
 # ~20 ms a kernel launch in the interpreter at these sizes; about half the cases launch it.
