@@ -118,7 +118,9 @@ def qk_norm_rope(
     positions : torch.Tensor, optional
         int32/int64 row of ``cos_sin_cache`` of each token: ``[..., tokens]`` (a heads axis is
         inserted) or broadcastable to ``q.shape[:-1]`` with size 1 along the heads. Each must be
-        in ``[0, max_position)``: checked (one reduction and one device sync in eager code).
+        in ``[0, max_position)``: checked, with a ValueError in eager code (one reduction and one
+        device sync), with an asynchronous assert (RuntimeError on CPU, device-side assert on CUDA)
+        in traced code and while a CUDA graph is captured.
 
     Returns
     -------
@@ -299,10 +301,7 @@ def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions) -> None
         check_single(q, q_weight, cos, sin, None, recipe)
     elif cache is not None:
         check_cached(q, k, q_weight, k_weight, cache, positions, recipe)
-        # Data-dependent: not while tracing (under torch.compile, the gather's own index check
-        # catches an out-of-range position).
-        if not torch.compiler.is_compiling():
-            check_positions_in_range(positions, cache.shape[0])
+        check_positions_in_range(positions, cache.shape[0])
     else:
         check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
 

@@ -345,6 +345,11 @@ def test_compile_fullgraph_cached_and_grad_forms():
     assert torch.allclose(out[0], ref[0], rtol=1e-6, atol=1e-6)
     out[0].sum().backward()
     assert qg.grad is not None and qg.grad.isfinite().all()
+    # the traced reference asserts the positions' range (no wrapped-around -1, no overrun)
+    for bad in (-1, 16):
+        positions[2] = bad
+        with pytest.raises(RuntimeError, match="positions out of range"):
+            torch.compile(fn, backend="aot_eager", fullgraph=True)(qg, k, qw, kw)
 
 
 def test_compile_dynamic_shapes():

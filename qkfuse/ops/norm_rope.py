@@ -146,13 +146,14 @@ def check_cached(q, k, q_weight, k_weight, cache: Tensor, positions: Tensor, rec
 
 def check_positions_in_range(positions: Tensor, rows: int) -> None:
     """Every position indexes a row of the cache: a ValueError otherwise (a data-dependent check:
-    one reduction and one sync). While a CUDA graph is being captured, where a sync is illegal, a
-    device-side assert stops the launch instead (no out-of-bounds read either way)."""
-    if positions.numel() == 0:
-        return
-    if positions.is_cuda and torch.cuda.is_current_stream_capturing():
+    one reduction and one sync). While tracing (torch.compile) or capturing a CUDA graph, where a
+    sync is impossible, an asynchronous assert (a RuntimeError on CPU, a device-side assert on
+    CUDA) stops the computation instead: no out-of-bounds or wrapped-around read either way."""
+    if torch.compiler.is_compiling() or (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
         torch._assert_async(((positions >= 0) & (positions < rows)).all(),
                             "qkfuse: positions out of range of cos_sin_cache")
+        return
+    if positions.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(positions)).tolist()
     if lo < 0 or hi >= rows:
