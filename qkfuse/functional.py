@@ -49,7 +49,7 @@ def qk_norm_rope(
     cos_sin_cache: Tensor | None = None,
     positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Per-head RMSNorm of ``q`` and ``k``, then rotary embedding (RoPE), in one kernel launch.
+    r"""Per-head RMSNorm of ``q`` and ``k``, then rotary embedding (RoPE): one kernel launch on CUDA.
 
     Computes what HF Qwen3 / Llama attention computes between the q/k projections and attention,
     for ``x`` in ``(q, k)``, each with its own weight (and eps)::
