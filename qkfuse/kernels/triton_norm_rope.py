@@ -550,6 +550,7 @@ def launch(
     num_stages: int | None = None,
     positions: torch.Tensor | None = None,
     cache: CacheTarget | None = None,
+    out_strides: tuple | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -558,15 +559,23 @@ def launch(
     (integers, broadcastable to q.shape[:-1] with size 1 along the heads) picks each token's row.
 
     With ``cache``, the last of q/k is stored into the cache (see CacheTarget) and its output is
-    None.
+    None. ``out_strides`` = (q's, k's or None): the output layouts to allocate instead of
+    recipe.new_output's (in a compiled graph: the strides its consumers were planned with).
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
     """
     cached_is_k = cache is not None and k is not None
     cached_is_q = cache is not None and k is None
-    q_out = cache.cache if cached_is_q else new_output(q, recipe.out_dtype)
-    k_out = None if k is None else (cache.cache if cached_is_k else new_output(k, recipe.out_dtype))
+    q_strides, k_strides = out_strides if out_strides is not None else (None, None)
+
+    def output(x, strides):
+        if strides is None:
+            return new_output(x, recipe.out_dtype)
+        return torch.empty_strided(x.shape, strides, dtype=recipe.out_dtype, device=x.device)
+
+    q_out = cache.cache if cached_is_q else output(q, q_strides)
+    k_out = None if k is None else (cache.cache if cached_is_k else output(k, k_strides))
     table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
     axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape,
                       None if cache is None else cache.dim)

@@ -80,6 +80,11 @@ def launcher(kernel: str, group: tuple[Site, ...]):
     if kernel == "triton":
         from ..kernels import triton_norm_rope as tk
 
+        # Outputs laid out as the unfused graph's were: Inductor planned their consumers (and the
+        # graph's outputs) with those strides, size-1 dims included; any other layout costs a copy.
+        strides = tuple(None if s is None or s.cache is not None else _dense_strides_of(s.anchor)
+                        for s in (q, k))
+
         def fn(*tensors):
             t = ins.bind(tensors)
             qx, kx, v = inputs(t)
@@ -89,7 +94,7 @@ def launcher(kernel: str, group: tuple[Site, ...]):
             if cw is not None:
                 kv = tk.CacheTarget(t["cache"], t["index"], cw.dim, v, t.get("v_cache"))
             qo, ko = tk.launch(qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"),
-                               qe, ke, recipe, traceable=True, cache=kv)
+                               qe, ke, recipe, traceable=True, cache=kv, out_strides=strides)
             if kv is None:
                 return (qo,) if ko is None else (qo, ko)
             caches = (kv.cache,) + ((kv.v_cache,) if kv.v is not None else ())
@@ -139,6 +144,20 @@ def launcher(kernel: str, group: tuple[Site, ...]):
         return fn, ins.nodes
 
     raise ValueError(f"qkfuse: unknown kernel {kernel!r}")
+
+
+def _dense_strides_of(node: Node):
+    """node's strides if they lay its value out densely (no gaps, no overlap), else None."""
+    from ..ops.recipe import _hint
+
+    v = node.meta["val"]
+    dims = sorted((d for d in range(v.dim()) if _hint(v.shape[d]) != 1), key=lambda d: _hint(v.stride(d)))
+    expect = 1
+    for d in dims:
+        if _hint(v.stride(d)) != expect:
+            return None
+        expect *= _hint(v.shape[d])
+    return tuple(v.stride())
 
 
 def _replay_write(node: Node, cache, index, values):
