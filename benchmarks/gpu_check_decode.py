@@ -94,27 +94,28 @@ def launches(code: str) -> list[str]:
     return out
 
 
-def check_codegen_and_caches(model, cfg, batches, out_dir):
+def check_decode(model, cfg, batches, out_dir):
+    """Per batch: compile the step with each backend (recording the generated code), compare the
+    caches it wrote, then time it A/B alternating: CUDA-graph replay and host time per call."""
+    from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
     code_dump = []
     for batch in batches:
-        rows = {}
-        caches = {}
+        rows, caches, steps = {}, {}, {}
         for name in BACKENDS:
             torch._dynamo.reset()
-            step = DecodeStep(model, cfg, name, batch)
+            counters.clear()
+            step = steps[name] = DecodeStep(model, cfg, name, batch)
             with torch._inductor.config.patch(fx_graph_cache=False):
-                from torch._dynamo.utils import counters
-
-                counters.clear()
                 logits, codes = run_and_get_code(step)
             code = "\n".join(codes)
             ks = launches(code)
+            call = code.split("def call(")[-1]
             caches[name] = (step.snapshot(), logits.float(), step.before)
-            rows[name] = dict(launches=len(ks), kernels=sorted(set(ks)), counts={k: ks.count(k) for k in set(ks)},
+            rows[name] = dict(launches=len(ks), counts={k: ks.count(k) for k in sorted(set(ks))},
                               qkfuse_counters=dict(counters["qkfuse"]),
-                              cache_clone=bool(re.search(r"copy_\(arg\d+_1|\.clone\(", code.split("def call(")[-1])))
+                              input_copy_or_clone=bool(re.search(r"\.copy_\(|\.clone\(", call)))
             if batch == batches[0]:
                 code_dump.append(f"#### backend={name} batch={batch}\n{code}")
             step.restore()
@@ -122,22 +123,36 @@ def check_codegen_and_caches(model, cfg, batches, out_dir):
         diffs = []
         for i, (a, b, pre) in enumerate(zip(k_ind, k_fused, before)):
             changed = (a != pre).any(dim=-1)  # rows written this step
-            untouched_equal = bool(torch.equal(a[~changed], b[~changed]))
             scale = float(a.float().abs().max())
-            err = float((a.float() - b.float()).abs().max()) / (scale * 2.0**-8)
             diffs.append(dict(tensor=("k" if i % 2 == 0 else "v") + str(i // 2), rows_written=int(changed.sum()),
-                              untouched_equal=untouched_equal, max_err_bf16_units=err, bit_equal=bool(torch.equal(a, b))))
+                              untouched_equal=bool(torch.equal(a[~changed], b[~changed])),
+                              max_err_bf16_units=float((a.float() - b.float()).abs().max()) / (scale * 2.0**-8),
+                              bit_equal=bool(torch.equal(a, b))))
         logit_err = float((l_ind - l_fused).abs().max() / l_ind.abs().max())
-        REPORT.setdefault("codegen", {})[batch] = dict(backends=rows, caches=diffs, logits_rel_err=logit_err)
         for name in BACKENDS:
             r = rows[name]
             say(f"b{batch} {name}: {r['launches']} launches {r['counts']} counters {r['qkfuse_counters']} "
-                f"clone/copy of an input in call(): {r['cache_clone']}")
+                f"copy_/clone in call(): {r['input_copy_or_clone']}")
         say(f"b{batch} caches: " + "; ".join(f"{d['tensor']} rows {d['rows_written']} bit_equal {d['bit_equal']} "
                                              f"err {d['max_err_bf16_units']:.2f}u untouched_eq {d['untouched_equal']}"
                                              for d in diffs) + f"; logits rel err {logit_err:.2e}")
-    with open(os.path.join(out_dir, "decode_code_b1.txt"), "w") as f:
-        f.write("\n\n".join(code_dump))
+        res = {n: {"graph_us": [], "host_us": []} for n in BACKENDS}
+        for _ in range(3):  # alternate A/B
+            for name in BACKENDS:
+                res[name]["graph_us"].append(graph_replay_us(steps[name]))
+                res[name]["host_us"].append(host_us(steps[name], iters=30, rounds=3))
+        med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in res.items()}
+        i, q = med["inductor"], med["qkfuse"]
+        say(f"b{batch} decode step device (graph replay) inductor {i['graph_us']:.1f} us qkfuse {q['graph_us']:.1f} us "
+            f"-> {i['graph_us'] / q['graph_us']:.3f}x; host (no graphs) inductor {i['host_us']:.1f} us "
+            f"qkfuse {q['host_us']:.1f} us -> {i['host_us'] / q['host_us']:.3f}x")
+        REPORT.setdefault("decode", {})[batch] = dict(backends=rows, caches=diffs, logits_rel_err=logit_err,
+                                                      time_raw=res, time_median=med)
+        for st in steps.values():
+            st.restore()
+        del steps
+        with open(os.path.join(out_dir, "decode_code_b1.txt"), "w") as f:
+            f.write("\n\n".join(code_dump))
 
 
 def graph_replay_us(fn, iters=200) -> float:
@@ -177,30 +192,6 @@ def host_us(fn, iters=100, rounds=5) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e6 / iters)
     return statistics.median(times)
-
-
-def time_decode(model, cfg, batches):
-    for batch in batches:
-        steps = {}
-        for name in BACKENDS:
-            torch._dynamo.reset()
-            steps[name] = DecodeStep(model, cfg, name, batch)
-            steps[name]()
-        res = {}
-        for rnd in range(3):  # alternate A/B
-            for name in BACKENDS:
-                res.setdefault(name, {"graph_us": [], "host_us": []})
-                res[name]["graph_us"].append(graph_replay_us(steps[name]))
-                res[name]["host_us"].append(host_us(steps[name], iters=30, rounds=3))
-        summary = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in res.items()}
-        REPORT.setdefault("decode_time", {})[batch] = dict(raw=res, median=summary)
-        i, q = summary["inductor"], summary["qkfuse"]
-        say(f"b{batch} decode step device (graph replay) inductor {i['graph_us']:.1f} us qkfuse {q['graph_us']:.1f} us "
-            f"-> {i['graph_us'] / q['graph_us']:.3f}x; host (no graphs) inductor {i['host_us']:.1f} us "
-            f"qkfuse {q['host_us']:.1f} us -> {i['host_us'] / q['host_us']:.3f}x")
-        for s in steps.values():
-            s.restore()
-        del steps
 
 
 def rotate_half(x):
@@ -277,8 +268,7 @@ def main():
     batches = [int(b) for b in a.batches.split(",")]
     model, cfg = build(a.layers)
     t0 = time.time()
-    for name, fn in (("fn64", lambda: fn64(a.out)), ("codegen", lambda: check_codegen_and_caches(model, cfg, batches, a.out)),
-                     ("time", lambda: time_decode(model, cfg, batches))):
+    for name, fn in (("fn64", lambda: fn64(a.out)), ("decode", lambda: check_decode(model, cfg, batches, a.out))):
         if name in a.skip.split(","):
             continue
         try:

@@ -205,7 +205,9 @@ def _norm_rope_tile(
             cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        oa, ob = _rope_pair(a, b, ca, sa, cb, sb, R_CODE)
+        # cos/sin wider than the RoPE's dtype are rounded to it first, as the graph's .to() does
+        oa, ob = _rope_pair(a, b, _round(ca, R_CODE), _round(sa, R_CODE), _round(cb, R_CODE), _round(sb, R_CODE),
+                            R_CODE)
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
@@ -460,6 +462,8 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
             return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
     if k is not None and k.dtype != q.dtype:
         return f"q ({q.dtype}) and k ({k.dtype}) differ in dtype"
+    if k is not None and (k.dim() != q.dim() or k.shape[-1] != q.shape[-1]):
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in rank or head_dim"
     for t, name in ((cos, "cos"), (sin, "sin"), (q_weight, "q weight"), (k_weight, "k weight")):
         if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1:
             return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
