@@ -6,7 +6,7 @@ decode step (CUDA-graph replay), host time per call without CUDA graphs, and whe
 
 An HF Qwen3 built from a Qwen3-8B-shaped config (random weights, a few layers, bf16), a StaticCache
 filled by an eager prefill, then one decode step compiled with each backend (fullgraph, no CUDA
-graphs). Writes DIR/decode_check.json, the generated code of batch 1 (DIR/decode_code_b1.txt)
+graphs). Writes DIR/decode_check.json, the generated code (DIR/decode_code.txt)
 and cProfile tables of the host path (DIR/decode_host_profile.txt).
 """
 
@@ -57,10 +57,10 @@ def backend_fn(name):
 class DecodeStep:
     """A StaticCache prefilled eagerly with `prompt` tokens and a compiled one-token step on it."""
 
-    def __init__(self, model, cfg, backend: str, batch: int, prompt: int = 32, max_len: int = 256):
+    def __init__(self, model, cfg, backend: str, batch: int, prompt: int = 32, max_len: int = 512):
         from transformers import StaticCache
 
-        self.model = model
+        self.model, self.prompt = model, prompt
         self.cache = StaticCache(config=cfg, max_cache_len=max_len)
         g = torch.Generator(device=DEV).manual_seed(batch)
         ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEV, generator=g)
@@ -81,8 +81,19 @@ class DecodeStep:
         return [t.clone() for layer in self.cache.layers for t in (layer.keys, layer.values)]
 
     def restore(self):
+        """The caches as the prefill left them, and the write position back at the prompt's end
+        (each step advances it; a CUDA-graph replay does too)."""
         for t, saved in zip((t for layer in self.cache.layers for t in (layer.keys, layer.values)), self.before):
             t.copy_(saved)
+        self.rewind()
+
+    def rewind(self):
+        for layer in self.cache.layers:  # the 0-d integer counters (cumulative_length in transformers 5.x)
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+                    value.fill_(self.prompt)
+                elif name == "cumulative_length_int":
+                    setattr(layer, name, self.prompt)
 
 
 def launches(code: str) -> list[str]:
@@ -116,8 +127,9 @@ def check_decode(model, cfg, batches, out_dir):
             rows[name] = dict(launches=len(ks), counts={k: ks.count(k) for k in sorted(set(ks))},
                               qkfuse_counters=dict(counters["qkfuse"]),
                               input_copy_or_clone=bool(re.search(r"\.copy_\(|\.clone\(", call)))
-            if batch == batches[0]:
-                code_dump.append(f"#### backend={name} batch={batch}\n{code}")
+            code_dump.append(f"#### backend={name} batch={batch}\n{code}")
+            with open(os.path.join(out_dir, "decode_code.txt"), "w") as f:
+                f.write("\n\n".join(code_dump))
             step.restore()
         (k_ind, l_ind, before), (k_fused, l_fused, _) = caches["inductor"], caches["qkfuse"]
         diffs = []
@@ -140,7 +152,8 @@ def check_decode(model, cfg, batches, out_dir):
         for _ in range(3):  # alternate A/B
             for name in BACKENDS:
                 res[name]["graph_us"].append(graph_replay_us(steps[name]))
-                res[name]["host_us"].append(host_us(steps[name], iters=30, rounds=3))
+                steps[name].rewind()
+                res[name]["host_us"].append(host_us(steps[name], iters=30, rounds=3, rewind=steps[name].rewind))
         med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in res.items()}
         i, q = med["inductor"], med["qkfuse"]
         say(f"b{batch} decode step device (graph replay) inductor {i['graph_us']:.1f} us qkfuse {q['graph_us']:.1f} us "
@@ -151,11 +164,11 @@ def check_decode(model, cfg, batches, out_dir):
         for st in steps.values():
             st.restore()
         del steps
-        with open(os.path.join(out_dir, "decode_code_b1.txt"), "w") as f:
-            f.write("\n\n".join(code_dump))
 
 
 def graph_replay_us(fn, iters=200) -> float:
+    """Median over 5 batches of `iters` replays of one captured step (fn.rewind() between them)."""
+    fn.rewind()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -165,10 +178,12 @@ def graph_replay_us(fn, iters=200) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    fn.rewind()
     for _ in range(10):
         g.replay()
     times = []
     for _ in range(5):
+        fn.rewind()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(iters):
@@ -179,13 +194,16 @@ def graph_replay_us(fn, iters=200) -> float:
     return statistics.median(times)
 
 
-def host_us(fn, iters=100, rounds=5) -> float:
+def host_us(fn, iters=100, rounds=5, rewind=None) -> float:
     """Per call, back-to-back calls (host-bound at decode), median of rounds."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(rounds):
+        if rewind is not None:
+            rewind()
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(iters):
             fn()

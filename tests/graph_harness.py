@@ -96,3 +96,80 @@ def scale_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|: the error at the tensor's scale (RoPE sums cancel near 0)."""
     o, r = out.double(), ref.double()
     return float((o - r).abs().max() / r.abs().max().clamp_min(1e-30)) if r.numel() else 0.0
+
+
+@dataclasses.dataclass
+class CudaPassRun:
+    rewritten: torch.fx.GraphModule  # the post-grad graph rewritten as on CUDA (not executable here)
+    records: list
+
+    @property
+    def fused(self):
+        return [r for r in self.records if r.fused]
+
+    def kernel_calls(self) -> list[torch.fx.Node]:
+        return [n for n in self.rewritten.graph.nodes
+                if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+
+
+def _as_fake_cuda(gm: torch.fx.GraphModule):
+    """Give every node a fake CUDA value of its CPU value's shape, strides and dtype (static shapes):
+    the pass then takes its CUDA path (the Triton kernel traced through wrap_triton)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+
+    def convert(v):
+        if isinstance(v, torch.Tensor):
+            with mode:
+                return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="cuda")
+        if isinstance(v, (list, tuple)):
+            return type(v)(convert(x) for x in v)
+        return v
+
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            n.meta["val"] = convert(n.meta["val"])
+    return mode
+
+
+def run_pass_as_cuda(fn, *args, options: Options | None = None) -> CudaPassRun:
+    """The pass on fn's post-grad graph as it would run on CUDA: traced on CPU, the values made
+    fake CUDA tensors, Triton's front end pointed at a stand-in CUDA target (it only generates
+    TTIR, for torch's analysis of what the kernel writes). Then Inductor's reinplace pass, which
+    decides which kernel arguments are cloned."""
+    from unittest import mock
+
+    import triton
+    from torch._inductor.fx_passes import reinplace
+    from triton.backends.compiler import GPUTarget
+
+    class Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    captured = []
+
+    def inner(gm, example_inputs, **kwargs):
+        _prepare(gm)
+        original = copy.deepcopy(gm)  # what runs (on CPU), so that the compile completes
+        mode = _as_fake_cuda(gm)
+        from torch._guards import TracingContext
+
+        # the compile's own (CPU) fake mode is what the pass's tracing would pick up otherwise
+        with mock.patch.object(triton.runtime.driver, "_active", Target()), mode, \
+                mock.patch.object(TracingContext.get(), "fake_mode", mode):
+            records = fuse.run(gm.graph, options or Options())
+            gm.graph.lint()
+            # the core of Inductor's reinplace pass (its wrapper's signature differs across versions)
+            getattr(reinplace, "reinplace_inplaceable_ops_core", reinplace.reinplace_inplaceable_ops)(gm.graph)
+        captured.append(CudaPassRun(gm, records))
+        return make_boxed_func(original)
+
+    def backend(gm, example_inputs):
+        return compile_fx(gm, example_inputs, inner_compile=inner)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return captured[-1]

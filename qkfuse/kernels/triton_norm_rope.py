@@ -50,13 +50,8 @@ def _rope_pair(a, b, ca, sa, cb, sb, R_CODE: tl.constexpr):
 
 @triton.jit
 def _rows(pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
-          idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr,
-          BLOCK_H: tl.constexpr):
-    """Row offsets of a [BLOCK_T, BLOCK_H] tile of (token, head) rows in x and in the output.
-
-    With POS_AXIS >= 0 the output is a cache: the token's sequence coordinate (the outer or inner
-    token index, or 0 for a size-1 sequence) is looked up in idx (negative = from the end) and the
-    row lands at that position; rows whose position is outside the cache are not stored."""
+          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row offsets of a [BLOCK_T, BLOCK_H] tile of (token, head) rows in x and in the output."""
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     t_outer = (t // n_inner).to(tl.int64)
@@ -65,19 +60,33 @@ def _rows(pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o
     row_mask = t_ok & (h < n_heads)[None, :, None]
     x_row = (t_outer * x_so + t_inner * x_si)[:, None, None] + (h * x_sh)[None, :, None]
     o_row = (t_outer * o_so + t_inner * o_si)[:, None, None] + (h * o_sh)[None, :, None]
-    store_mask = row_mask
-    if POS_AXIS >= 0:
-        if POS_AXIS == 0:
-            seq = t_outer
-        elif POS_AXIS == 1:
-            seq = t_inner
-        else:
-            seq = t_outer * 0
-        pos = tl.load(idx_ptr + seq * idx_stride, mask=t < n_tokens, other=0).to(tl.int64)
-        pos = tl.where(pos < 0, pos + cache_len, pos)
-        o_row += (pos * o_seq)[:, None, None]
-        store_mask = row_mask & ((pos >= 0) & (pos < cache_len))[:, None, None]
-    return t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row
+    return t, t_outer, t_inner, t_ok, row_mask, x_row, o_row
+
+
+@triton.jit
+def _seq_coord(t_outer, t_inner, POS_AXIS: tl.constexpr):
+    # a cache's sequence coordinate of each token: the outer or inner token index, or 0 (size-1 sequence)
+    if POS_AXIS == 0:
+        seq = t_outer
+    elif POS_AXIS == 1:
+        seq = t_inner
+    else:
+        seq = t_outer * 0
+    return seq
+
+
+@triton.jit
+def _cache_row(pos, o_seq, cache_len):
+    """(row offset, in range) of cache positions `pos` (negative = from the end): rows outside the
+    cache are not stored."""
+    pos = pos.to(tl.int64)
+    pos = tl.where(pos < 0, pos + cache_len, pos)
+    return (pos * o_seq)[:, None, None], ((pos >= 0) & (pos < cache_len))[:, None, None]
+
+
+# Cache positions are loaded where they are used, not in a helper: torch's analysis of what a
+# kernel writes follows every argument of a call whose result feeds a store address (a helper that
+# loaded them would make the positions count as written, and Inductor would clone them).
 
 
 @triton.jit
@@ -85,9 +94,14 @@ def _copy_tile(x_ptr, o_ptr, pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, 
                idx_ptr, idx_stride, cache_len, o_seq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Copy rows (v into its cache, beside k's norm+RoPE in the same launch)."""
-    t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row = _rows(
-        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
-        idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS, BLOCK_T, BLOCK_H)
+    t, t_outer, t_inner, t_ok, row_mask, x_row, o_row = _rows(
+        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh, BLOCK_T, BLOCK_H)
+    store_mask = row_mask
+    if POS_AXIS >= 0:
+        pos = tl.load(idx_ptr + _seq_coord(t_outer, t_inner, POS_AXIS) * idx_stride, mask=t < n_tokens, other=0)
+        off, ok = _cache_row(pos, o_seq, cache_len)
+        o_row += off
+        store_mask = row_mask & ok
     d = tl.arange(0, D_PAD)[None, None, :]
     x = tl.load(x_ptr + x_row + d, mask=row_mask & (d < HEAD_DIM), other=0.0, eviction_policy="evict_first")
     tl.store(o_ptr + o_row + d, x.to(o_ptr.dtype.element_ty), mask=store_mask & (d < HEAD_DIM))
@@ -109,9 +123,14 @@ def _norm_rope_tile(
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
 
-    t, t_outer, t_inner, t_ok, row_mask, store_mask, x_row, o_row = _rows(
-        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh,
-        idx_ptr, idx_stride, cache_len, o_seq, POS_AXIS, BLOCK_T, BLOCK_H)
+    t, t_outer, t_inner, t_ok, row_mask, x_row, o_row = _rows(
+        pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, x_sh, o_so, o_si, o_sh, BLOCK_T, BLOCK_H)
+    store_mask = row_mask
+    if POS_AXIS >= 0:  # the output is a KV cache: rows land at the tokens' positions
+        pos = tl.load(idx_ptr + _seq_coord(t_outer, t_inner, POS_AXIS) * idx_stride, mask=t < n_tokens, other=0)
+        off, ok = _cache_row(pos, o_seq, cache_len)
+        o_row += off
+        store_mask = row_mask & ok
     if COS_PER_HEAD:
         h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         c_row = (t_outer * c_so + t_inner * c_si)[:, None, None] + (h * c_sh)[None, :, None]
@@ -264,32 +283,69 @@ def qk_norm_rope_kernel(
     pid = tl.program_id(0)
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
-    # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
-    # constexprs, so q's and k's strides need not have the same type.
-    n_rope_blocks = q_head_blocks
-    if HAS_K:
-        n_rope_blocks = q_head_blocks + k_head_blocks
-    is_v = False
+    # Which tile a program computes is decided under constexpr ifs first: a tile that cannot run
+    # (no k, no v) is not compiled at all, so its pointers may be None and torch's mutation
+    # analysis of the kernel (what Inductor clones) does not see stores through them.
     if HAS_V:
-        is_v = pid_h >= n_rope_blocks
-    is_k = False
-    if HAS_K:
-        is_k = (pid_h >= q_head_blocks) & (pid_h < n_rope_blocks)
-    if is_v:
-        v_heads = q_heads
-        if HAS_K:
-            v_heads = k_heads
-        _copy_tile(v_ptr, vo_ptr, pid_t, pid_h - n_rope_blocks, n_tokens, n_inner, v_heads,
-                   v_so, v_si, v_sh, vo_so, vo_si, vo_sh, idx_ptr, idx_stride, cache_len, vo_seq,
-                   HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_H)
-    elif is_k:
-        _norm_rope_tile(
-            k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
-            n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
+        n_rope_blocks = q_head_blocks + k_head_blocks
+        if pid_h >= n_rope_blocks:
+            _copy_tile(v_ptr, vo_ptr, pid_t, pid_h - n_rope_blocks, n_tokens, n_inner, k_heads,
+                       v_so, v_si, v_sh, vo_so, vo_si, vo_sh, idx_ptr, idx_stride, cache_len, vo_seq,
+                       HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_H)
+        else:
+            _qk_tiles(
+                q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
+                n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
+                q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
+                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+                HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+                X_CODE, Y_CODE, R_CODE, INTERLEAVED, HAS_K, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, K_POS_AXIS,
+                BLOCK_T, BLOCK_H,
+            )
+    else:
+        _qk_tiles(
+            q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
+            n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
+            q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, HAS_K, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, K_POS_AXIS,
+            BLOCK_T, BLOCK_H,
         )
+
+
+@triton.jit
+def _qk_tiles(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
+    n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
+    q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
+    c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
+    Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
+    # constexprs, so q's and k's strides need not have the same type.
+    if HAS_K:
+        if pid_h >= q_head_blocks:
+            _norm_rope_tile(
+                k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
+                n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
+                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+                HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, BLOCK_T, BLOCK_H,
+            )
+        else:
+            _norm_rope_tile(
+                q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
+                n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
+                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+                HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
+                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, BLOCK_T, BLOCK_H,
+            )
     else:
         _norm_rope_tile(
             q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
@@ -555,6 +611,7 @@ def launch(
     positions: torch.Tensor | None = None,
     cache: CacheTarget | None = None,
     out_strides: tuple | None = None,
+    bases: dict | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -565,6 +622,9 @@ def launch(
     With ``cache``, the last of q/k is stored into the cache (see CacheTarget) and its output is
     None. ``out_strides`` = (q's, k's or None): the output layouts to allocate instead of
     recipe.new_output's (in a compiled graph: the strides its consumers were planned with).
+    ``bases`` = {"q"/"k"/"v": tensor}: what to pass as that input's pointer, a tensor with the same
+    data pointer (q before its transpose): Inductor then passes its buffer as is, without building
+    the view on the host for every call.
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
@@ -606,7 +666,8 @@ def launch(
     k_str = _strides3(k, k.shape[:-1], axes) if k is not None else (0, 0, 0)
     qo_str = _strides3(q_out, lead, axes) if not cached_is_q else None
     ko_str = (_strides3(k_out, k.shape[:-1], axes) if not cached_is_k else None) if k is not None else (0, 0, 0)
-    pos_axis, cache_args, v_args, v_head_blocks = -1, (q, 0, 0, 0, 0), (q, q_out, 0, 0, 0, 0, 0, 0), 0
+    # pointers of tiles that do not run are None (see the kernel)
+    pos_axis, cache_args, v_args, v_head_blocks = -1, (None, 0, 0, 0, 0), (None, None, 0, 0, 0, 0, 0, 0), 0
     if cache is not None:
         pos_axis = _pos_axis(axes, cache.dim)
         if pos_axis is None:
@@ -628,17 +689,19 @@ def launch(
     # tail chunks as wide as a rotated half (one register layout); the whole row without RoPE
     tail_chunk = _next_pow2(max(rd // 2, 1)) if rd else _next_pow2(head_dim)
     grid = (triton.cdiv(n_tokens, config.block_t) * head_blocks,)
+    bases = bases or {}
     kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     kernel[grid](
-        q, q if k is None else k, q_out, q_out if k is None else k_out,
+        bases.get("q", q), bases.get("k", k), q_out, k_out,
         q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
         q if cos is None else cos, q if sin is None else sin,
         _as_float(q_eps), _as_float(k_eps),
-        n_tokens, n_inner, q_heads, max(k_heads, 1) if k is None else k_heads, q_head_blocks, k_head_blocks,
+        n_tokens, n_inner, q_heads, q_heads if k is None else k_heads, q_head_blocks, k_head_blocks,
         head_blocks,
         *q_str, *k_str, *qo_str, *ko_str,
         *cos_str, *sin_str,
-        v_args[0], v_args[1], idx, *v_args[2:],
+        bases.get("v", v_args[0]) if cache is not None and cache.v is not None else None, v_args[1], idx,
+        *v_args[2:],
         idx_stride, cache_len, o_seq, vo_seq,
         HEAD_DIM=head_dim,
         ROT_DIM=rd,

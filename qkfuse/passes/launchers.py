@@ -93,8 +93,10 @@ def launcher(kernel: str, group: tuple[Site, ...]):
             kv = None
             if cw is not None:
                 kv = tk.CacheTarget(t["cache"], t["index"], cw.dim, v, t.get("v_cache"))
+            # the inputs before their permutes (same data pointer) as the kernel's pointers
+            bases = {name: t[key] for name, key in (("q", "q_x"), ("k", "k_x"), ("v", "v")) if key in t}
             qo, ko = tk.launch(qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"),
-                               qe, ke, recipe, traceable=True, cache=kv, out_strides=strides)
+                               qe, ke, recipe, traceable=True, cache=kv, out_strides=strides, bases=bases)
             if kv is None:
                 return (qo,) if ko is None else (qo, ko)
             caches = (kv.cache,) + ((kv.v_cache,) if kv.v is not None else ())
