@@ -29,8 +29,8 @@ def test_tiny_quick_prefill_writes_both_backends(tmp_path):
     for backend in ("inductor", "qkfuse"):
         assert len(row["raw"][backend]) == 2 and all(t > 0 for t in row["raw"][backend]), row["raw"]
     assert row["speedup"] == pytest.approx(row["median"]["inductor"] / row["median"]["qkfuse"])
-    assert row["qkfuse_fused_sites"] > 0, row
-    assert "| qwen3 | prefill | 1x32 |" in (tmp_path / "smoke.md").read_text()
+    assert row["qkfuse_fused_sites"] == 2 * row["layers"], row  # q and k of every layer
+    assert "| qwen3 (2 layers) | prefill | 1x32 |" in (tmp_path / "smoke.md").read_text()
 
 
 def test_plan_runs_nothing_and_lists_cases():
