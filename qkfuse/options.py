@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from . import patterns
 from .kernels.policy import KERNEL_CHOICES
 
 PREFIX = "qkfuse."
-FAMILIES = ("norm_rope", "rope")
-DEFAULT_FAMILIES = ("norm_rope",)
+FAMILIES = tuple(f.name for f in patterns.FAMILIES)  # "norm_rope", "rope"
+DEFAULT_FAMILIES = ("norm_rope",)  # "rope" is opt-in (see their docstrings)
 
 
 @dataclasses.dataclass(frozen=True)

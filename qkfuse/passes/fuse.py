@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from ..kernels import policy
 from ..options import Options
-from ..patterns import kv_cache, norm_rope
+from ..patterns import BY_NAME, FAMILIES, MatchContext, Refused, Site, kv_cache
 from ..patterns.canon import dtype_of, tensor_val
 from .pairing import group_sites, placeable
 from .records import SiteRecord, publish
@@ -57,8 +57,9 @@ class _Run:
         self.gid = next(_graph_ids)
         self.records: list[SiteRecord] = []
 
-    def record(self, site_or_node, fused: bool, reason: str, partner: norm_rope.Site | None = None):
-        if isinstance(site_or_node, norm_rope.Site):
+    def record(self, site_or_node, fused: bool, reason: str, partner: Site | None = None, family: str = ""):
+        """One record (and counter) for a site, or for a refused candidate node of `family`."""
+        if isinstance(site_or_node, Site):
             s = site_or_node
             recipe = s.recipe.describe() + (f" + {s.cache.describe()}" if s.cache is not None else "")
             rec = SiteRecord(s.family, fused, reason, s.anchor.name, _shape(s.anchor),
@@ -66,30 +67,43 @@ class _Run:
                              str(dtype_of(s.anchor)).replace("torch.", ""), recipe, self.gid)
         else:
             n = site_or_node
-            rec = SiteRecord(norm_rope.FAMILY, fused, reason, n.name, _shape(n), None,
+            rec = SiteRecord(family, fused, reason, n.name, _shape(n), None,
                              str(dtype_of(n)).replace("torch.", ""), "", self.gid)
         self.records.append(rec)
         counters["qkfuse"][f"{rec.family}_sites" if fused else f"{rec.family}_refused"] += 1
 
-    def match(self, order: dict) -> list[norm_rope.Site]:
-        families = frozenset(self.options.families)
-        sites: list[norm_rope.Site] = []
+    def proposals(self) -> dict:
+        """{candidate node: the enabled families proposing it, in FAMILIES order}."""
+        enabled = set(self.options.families)
+        proposed: dict = {}
+        for family in FAMILIES:
+            if family.name in enabled:
+                for n in family.candidates(self.graph):
+                    proposed.setdefault(n, []).append(family)
+        return proposed
+
+    def match(self, order: dict) -> list[Site]:
+        ctx = MatchContext(frozenset(self.options.families))
+        proposed = self.proposals()
+        sites: list[Site] = []
         claimed: set = set()
         writes_taken: set = set()
-        for cand in list(norm_rope.candidates(self.graph)):
+        for cand in sorted(proposed, key=order.__getitem__):
+            family = proposed[cand][0].name  # whose refusal it is, unless a matcher says otherwise
             try:
-                site = norm_rope.match_site(cand, families)
+                site = _first_site(cand, proposed[cand], ctx)
+                family = site.family
                 if claimed.intersection(site.interior):
-                    raise norm_rope.Refused("overlaps another site")
+                    raise Refused("overlaps another site")
                 if self.options.kv_cache:
                     site.cache, note = _cache_write(site, order, writes_taken, self.options)
                     if note:
                         log.info("qkfuse: %s: %s", site.anchor.name, note)
-            except norm_rope.Refused as e:
-                self.record(cand, False, str(e))
+            except Refused as e:
+                self.record(cand, False, str(e), family=e.site_of or family)
                 continue
             except Exception as e:
-                self.record(cand, False, _internal_error("matching", cand, e, self.options))
+                self.record(cand, False, _internal_error("matching", cand, e, self.options), family=family)
                 continue
             sites.append(site)
             claimed.update(site.interior)
@@ -106,7 +120,7 @@ class _Run:
                 kept.append(s)
         return kept
 
-    def replace(self, sites: list[norm_rope.Site], order: dict) -> None:
+    def replace(self, sites: list[Site], order: dict) -> None:
         for group in group_sites(sites, order):
             order = {n: i for i, n in enumerate(self.graph.nodes)}  # earlier replacements moved nodes
             if len(group) > 1 and not placeable(group, order):  # earlier merges made it a cycle
@@ -114,6 +128,8 @@ class _Run:
             else:
                 group_list = [group]
             for grp, kernel, note in (t for g in group_list for t in _groups_to_try(g, self.options)):
+                if len(grp) == 1 and BY_NAME[grp[0].family].pairs_only:
+                    kernel, note = None, f"no q/k partner: a {grp[0].family} call for one tensor saves nothing"
                 if kernel is None:
                     for s in grp:
                         self.record(s, False, note)
@@ -151,6 +167,19 @@ def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:
     return r.records
 
 
+def _first_site(cand, families, ctx: MatchContext) -> Site:
+    """The site of the first family that matches `cand`, else the refusal to report: the first one
+    that is not a wrong_kind refusal, else the first (with the family it is a refusal of)."""
+    refusals = []
+    for family in families:
+        try:
+            return family.match(cand, ctx)
+        except Refused as e:
+            refusals.append((family, e))
+    family, e = next(((f, e) for f, e in refusals if not e.wrong_kind), refusals[0])
+    raise Refused(str(e), wrong_kind=e.wrong_kind, site_of=e.site_of or family.name)
+
+
 def _groups_to_try(group, options: Options):
     """[(sites, kernel, note)]: the pair if one call serves it, else each site alone."""
     kernel, note = _choose(group, options)
@@ -168,7 +197,7 @@ def _choose(group, options: Options):
         None if k is None else tensor_val(k.weight))
 
 
-def _cache_write(site: norm_rope.Site, order: dict, taken: set, options: Options):
+def _cache_write(site: Site, order: dict, taken: set, options: Options):
     """The KV-cache write `site` absorbs, as far as the kernel that will serve it can do it."""
     cw, note = kv_cache.match_cache_write(site.anchor, order, taken)
     if cw is None:

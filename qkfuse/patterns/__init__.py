@@ -1,6 +1,20 @@
-"""Pattern families: each file holds one family's match, its conditions and its replacement.
+"""Pattern families: what the pass fuses, read from the post-grad graph as plain data.
+
+Reusable matchers, each on its own: ``rope.py`` (RoPE output), ``rms_norm.py`` (RMSNorm output),
+``kv_cache.py`` (the KV-cache write after a k site), all reading nodes through ``canon.py``. A
+family (the ``Family`` protocol, ``family.py``) composes them in a few lines:
 
 - ``norm_rope``: per-head RMSNorm of q and k followed by RoPE (neox or interleaved, full or
   partial rotary), paired into one q+k call when they share cos/sin.
-- ``rope`` (off by default): the same RoPE without a norm in front.
+- ``rope`` (opt-in): the same RoPE without a norm in front.
+
+FAMILIES is the order in which the pass tries the families that propose one candidate node.
 """
+
+from .family import Family, MatchContext, Refused, Site
+from .norm_rope import NormRope, RopeOnly
+
+FAMILIES: tuple[Family, ...] = (NormRope(), RopeOnly())
+BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+
+__all__ = ["BY_NAME", "FAMILIES", "Family", "MatchContext", "Refused", "Site"]

@@ -4,7 +4,8 @@ Real attention code reaches the post-grad graph in many spellings: ``x.view`` vs
 ``chunk``/``split``+getitem vs slices, ``x*w`` vs ``w*x``, dtype converts present or absent
 (float32 graphs have none), eps as a literal or (dynamic=True) a 0-d tensor input, ``add.Tensor``
 vs ``add.Scalar``, ``rsqrt(v)`` vs ``pow(v, -0.5)``. The helpers here read every such spelling
-into one form, without rewriting the graph, so each pattern family matches one shape.
+into one form, without rewriting the graph, so each matcher (``rope.py``, ``rms_norm.py``) reads
+one shape.
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ def is_op(n, *targets) -> bool:
 
 
 def static_int(v) -> int | None:
-    """v as a Python int when it is one (or a SymInt with a constant value)."""
+    """v as a Python int when it is one: an int, a SymInt with a constant value, or a node computing
+    one (a slice bound derived from a size)."""
+    if isinstance(v, Node):
+        v = val(v)
     if isinstance(v, bool):
         return None
     if isinstance(v, int):
         return v
     if isinstance(v, torch.SymInt):
-        try:
-            return int(v.node.maybe_as_int()) if v.node.maybe_as_int() is not None else None
-        except Exception:
-            return None
+        constant = v.node.maybe_as_int()
+        return None if constant is None else int(constant)
     return None
 
 
@@ -177,6 +179,24 @@ def scalar_or_tensor(x) -> float | Node | None:
     return None
 
 
+def rsqrt_operand(n) -> Node | None:
+    """v for ``rsqrt(v)`` or ``pow(v, -0.5)``."""
+    if is_op(n, aten.rsqrt):
+        return n.args[0]
+    if is_op(n, aten.pow) and len(n.args) > 1 and n.args[1] == -0.5:
+        return n.args[0]
+    return None
+
+
+def square_operand(n) -> Node | None:
+    """x for ``pow(x, 2)`` (``torch.square`` too) or ``x * x``."""
+    if is_op(n, aten.pow) and len(n.args) > 1 and n.args[1] == 2:
+        return n.args[0]
+    if is_op(n, aten.mul) and len(n.args) > 1 and n.args[0] is n.args[1]:
+        return n.args[0]
+    return None
+
+
 # ---- slices of the last dim -------------------------------------------------------------------
 
 
@@ -232,22 +252,22 @@ def last_dim_slice(n) -> LastDimSlice | None:
                 return None
             return LastDimSlice(src, bounds[idx][0], bounds[idx][1], 1)
         if is_op(parent, aten.unbind):
-            # x.reshape(..., D/2, 2).unbind(-1)[i] == x[..., i::2]
             src = parent.args[0]
             dim = parent.args[1] if len(parent.args) > 1 else parent.kwargs.get("dim", 0)
-            sv = tensor_val(src)
-            if sv is None or not is_last_dim(dim, src) or static_int(sv.shape[-1]) != 2:
+            split = last_dim_split_source(src)
+            nd = ndim_of(src)
+            if split is None or not isinstance(dim, int) or nd is None:
                 return None
-            pairs = pair_split_source(src)
-            if pairs is None:
-                return None
-            d = static_int(tensor_val(pairs).shape[-1])
-            return LastDimSlice(pairs, idx, d, 2) if d is not None else None
+            x, rows, width = split
+            if norm_dim(dim, nd) == nd - 1 and width == 2:  # x.reshape(..., D/2, 2).unbind(-1)[i] == x[..., i::2]
+                return LastDimSlice(x, idx, rows * width, 2)
+            if norm_dim(dim, nd) == nd - 2 and rows == 2:  # x.reshape(..., 2, D/2).unbind(-2)[i]: a half
+                return LastDimSlice(x, idx * width, (idx + 1) * width, 1)
     return None
 
 
-def pair_split_source(n) -> Node | None:
-    """x for ``x.reshape(*x.shape[:-1], D/2, 2)``."""
+def last_dim_split_source(n) -> tuple[Node, int, int] | None:
+    """(x, rows, width) for ``x.reshape(*x.shape[:-1], rows, width)`` (the last dim split in two)."""
     if not is_op(n, aten.reshape, aten.view):
         return None
     src = n.args[0]
@@ -256,40 +276,53 @@ def pair_split_source(n) -> Node | None:
         return None
     if not all(same_int(a, b) for a, b in zip(sv.shape[:-1], nv.shape[:-2])):
         return None
-    d = static_int(sv.shape[-1])
-    if d is None or static_int(nv.shape[-1]) != 2 or static_int(nv.shape[-2]) != d // 2:
+    d, rows, width = (static_int(s) for s in (sv.shape[-1], nv.shape[-2], nv.shape[-1]))
+    if d is None or rows is None or width is None or rows * width != d:
         return None
-    return src
+    return src, rows, width
+
+
+def merges_last_two_dims(n) -> bool:
+    """n is ``y.reshape(*y.shape[:-2], -1)`` (``flatten(-2)``): rows stay rows."""
+    if not is_op(n, aten.reshape, aten.view):
+        return False
+    sv, nv = tensor_val(n.args[0]), tensor_val(n)
+    if sv is None or nv is None or sv.dim() < 2 or nv.dim() != sv.dim() - 1:
+        return False
+    rows, width, d = (static_int(s) for s in (sv.shape[-2], sv.shape[-1], nv.shape[-1]))
+    return None not in (rows, width, d) and rows * width == d and all(
+        same_int(a, b) for a, b in zip(sv.shape[:-2], nv.shape[:-1]))
 
 
 # ---- views that keep rows intact ------------------------------------------------------------
 
 
-def row_view_source(n) -> tuple[Node, list[int]] | None:
+@dataclasses.dataclass(frozen=True)
+class RowViews:
+    src: Node
+    perm: list[int]  # the viewed node == src.permute(perm) as values (the last dim stays last)
+    nodes: list[Node]  # the views, outermost first
+
+
+def row_view_source(n) -> RowViews | None:
     """Follow views (and clones) that only reorder/relabel the leading dims (rows stay rows).
 
-    Returns (source, perm) with ``n == source.permute(perm)`` as values (perm keeps the last dim
-    last), or None when a view moves data across rows (the caller refuses such a site).
+    None when a view moves data across rows (the caller refuses such a site).
     """
     perm: list[int] | None = None
+    nodes = []
     while True:
         if is_op(n, aten.permute):
-            src = n.args[0]
             p = [norm_dim(d, len(n.args[1])) for d in n.args[1]]
             if p[-1] != len(p) - 1:
                 return None
             perm = p if perm is None else [p[i] for i in perm]
-            n = src
-            continue
-        if is_op(n, aten.reshape, aten.view) and _same_shape(n.args[0], n):
-            n = n.args[0]
-            continue
-        if is_op(n, aten.clone):  # layout only (e.g. torch.rms_norm on a transposed view)
-            n = n.args[0]
-            continue
-        break
+        elif not (is_op(n, aten.reshape, aten.view) and _same_shape(n.args[0], n) or is_op(n, aten.clone)):
+            break  # (a clone only copies: e.g. torch.rms_norm on a transposed view)
+        nodes.append(n)
+        n = n.args[0]
     nd = ndim_of(n)
-    return n, (perm if perm is not None else list(range(nd or 0)))
+    return RowViews(n, perm if perm is not None else list(range(nd or 0)), nodes)
 
 
 def _same_shape(a, b) -> bool:

@@ -174,11 +174,8 @@ def _value_write(k: _Write, order: dict, taken: set) -> ValueWrite | None:
     if best is None:
         return None
     rv = canon.row_view_source(best.values)
-    src, perm = rv if rv is not None else (best.values, list(range(tensor_val(best.values).dim())))
-    interior, n = list(best.views), best.values
-    while n is not src:
-        interior.append(n)
-        n = n.args[0]
+    src, perm = (rv.src, rv.perm) if rv is not None else (best.values, list(range(tensor_val(best.values).dim())))
+    interior = list(best.views) + (rv.nodes if rv is not None else [])
     if any(len(x.users) != 1 for x in interior):  # a view someone else reads stays where it is
         src, perm = best.values, list(range(tensor_val(best.values).dim()))
         interior = list(best.views)

@@ -1,0 +1,130 @@
+"""What a pattern family is, and the plain data it hands to the pass.
+
+A family is a short composition of the reusable matchers (``rope.py``, ``rms_norm.py``, read
+through ``canon.py``). It proposes candidate nodes and reads one candidate as a :class:`Site` or
+raises :class:`Refused`; it never changes the graph and knows no kernels. ``qkfuse/passes`` applies
+sites: pairing, kernel choice, splice, records and counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch.fx import Node
+
+from ..ops.recipe import Recipe
+from . import canon
+from .canon import dtype_of, tensor_val
+from .kv_cache import CacheWrite
+
+
+class Refused(Exception):
+    """A candidate that does not match; str() is the reason shown by qkfuse.explain.
+
+    ``wrong_kind``: the candidate is not of the refusing family's kind (e.g. no norm feeds the
+    RoPE); when several families propose one node, a refusal that is not wrong_kind is reported.
+    ``site_of``: the family whose kind the candidate is, when the refusing family can tell (the
+    record and its counter go to that family).
+    """
+
+    def __init__(self, reason: str, *, wrong_kind: bool = False, site_of: str | None = None):
+        super().__init__(reason)
+        self.wrong_kind = wrong_kind
+        self.site_of = site_of
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchContext:
+    families: frozenset[str]  # the enabled families
+
+
+class Family(Protocol):
+    name: str
+    # A lone site (no q/k partner) is left to Inductor: one call for one tensor saves nothing.
+    pairs_only: bool
+
+    def candidates(self, graph: torch.fx.Graph) -> Iterable[Node]:
+        """The nodes this family reads as sites, in graph order."""
+
+    def match(self, candidate: Node, ctx: MatchContext) -> "Site":
+        """The site at `candidate`; raises Refused with the reason."""
+
+
+@dataclasses.dataclass
+class Site:
+    family: str
+    anchor: Node
+    x: Node  # input of the fused op before `perm`
+    perm: list[int]  # x.permute(perm) is the op input (RoPE layout)
+    weight: Node | None
+    eps: float | Node
+    cos: Node | None
+    sin: Node | None
+    recipe: Recipe
+    interior: list[Node]
+    leaves: list[Node]
+    cache: CacheWrite | None = None  # the KV-cache write this (k) site absorbs
+
+    @property
+    def shape(self):
+        v = tensor_val(self.anchor)
+        return tuple(v.shape) if v is not None else None
+
+    def anchor_value(self) -> Node:
+        """The node holding the fused op's (RoPE) output value, before any cache write."""
+        return self.anchor
+
+    def targets(self) -> list[Node]:
+        """Nodes whose uses the fused call's outputs take over, in output order."""
+        return self.cache.targets() if self.cache is not None else [self.anchor]
+
+    def input_nodes(self) -> list[Node]:
+        nodes = [n for n in (self.x, self.weight, self.cos, self.sin, self.eps) if isinstance(n, Node)]
+        return nodes + (self.cache.input_nodes() if self.cache is not None else [])
+
+    def output_users(self) -> list[Node]:
+        return [u for t in self.targets() for u in t.users]
+
+    def dead_after_replacement(self) -> list[Node]:
+        nodes = [*self.interior, *self.leaves]
+        if self.cache is not None:
+            nodes += self.cache.targets() + self.cache.views
+            nodes += self.cache.v.interior if self.cache.v is not None else []
+        return nodes
+
+    def pair_key(self):
+        """Sites with equal keys can share one launch."""
+        w = tensor_val(self.weight)
+        return (
+            self.recipe,
+            canon.data_identity(self.cos),
+            canon.data_identity(self.sin),
+            None if w is None else w.dtype,
+            isinstance(self.eps, Node),
+            dtype_of(self.x),
+        )
+
+
+def check_interior(site_nodes: list[Node], anchor: Node) -> None:
+    """Every node of a site but its anchor is used only inside the site (else it must stay)."""
+    inside = set(site_nodes)
+    for n in site_nodes:
+        if n is anchor:
+            continue
+        for u in n.users:
+            if u.op == "output":  # a training forward graph returns what backward needs
+                raise Refused(f"intermediate {n.name} has a user outside the chain: it is a graph output "
+                              "(returned, or saved for backward with grad enabled: the fused op has no "
+                              "backward; infer under torch.no_grad())")
+            if u not in inside:
+                raise Refused(f"intermediate {n.name} has a user outside the chain ({u.name})")
+
+
+def require_static_head_dim(x: Node) -> int:
+    head_dim = canon.static_int(tensor_val(x).shape[-1])
+    if head_dim is None:
+        raise Refused("head_dim is symbolic")
+    return head_dim

@@ -1,0 +1,231 @@
+"""The RoPE matcher: ``x*cos + rotate(x)*sin`` read from any of its spellings, as plain data.
+
+Anchored on the output add (any operand order, optional ``.float()`` on x and one ``.to(dtype)``
+on the result). rotate is
+
+- neox ``cat(-x2, x1)``, the halves as slices, ``chunk``/``split``, or diffusers'
+  ``reshape(..., 2, D/2).unbind(-2)``;
+- interleaved ``stack(-x_odd, x_even, dim=-1).flatten(-2)``, the pairs as step-2 slices (GPT-J's
+  ``rotate_every_two``, cohere, glm) or diffusers' ``reshape(..., D/2, 2).unbind(-1)``. GPT-J's
+  ``repeat_interleave``'d cos/sin are full-width tables like any other: nothing to match there;
+
+partial rotary ``cat([rope(x[..., :rd]), x[..., rd:]])``, wherever the cat is written (inside
+the RoPE function or at the call site: the graphs are the same), the split as slices,
+``split``/``chunk``. Refused with the reason: DeepSeek's ``apply_rotary_pos_emb_interleave``
+(its output is de-interleaved, a layout the kernels do not write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch.fx import Node
+
+from . import canon
+from .canon import aten, dtype_of, is_op, tensor_val
+from .family import Refused
+
+
+@dataclasses.dataclass
+class Rotation:
+    src: Node  # the rotated tensor
+    interleaved: bool
+    nodes: list[Node]
+
+
+@dataclasses.dataclass
+class RopeMatch:
+    anchor: Node  # the node whose uses the fused op replaces
+    src: Node  # the tensor RoPE is applied to (norm output, maybe behind views)
+    cos: Node | None
+    sin: Node | None
+    rotary_dim: int
+    interleaved: bool
+    rope_dtype: torch.dtype
+    out_dtype: torch.dtype
+    interior: list[Node]
+
+    def recipe_part(self) -> dict:
+        """The RoPE fields of the Recipe."""
+        return dict(rope_dtype=self.rope_dtype, out_dtype=self.out_dtype, rotary_dim=self.rotary_dim,
+                    interleaved=self.interleaved)
+
+
+def _slice_nodes(n: Node) -> list[Node]:
+    """n and the split/unbind (+ its reshape) it is a getitem of."""
+    out = [n]
+    if n.target is operator.getitem:
+        parent = n.args[0]
+        out.append(parent)
+        if is_op(parent, aten.unbind):
+            out.append(parent.args[0])
+    return out
+
+
+def _cat_on_last_dim(n) -> list | None:
+    """The parts of ``cat(parts, -1)``."""
+    if is_op(n, aten.cat) and canon.is_last_dim(n.args[1] if len(n.args) > 1 else 0, n):
+        return list(n.args[0])
+    return None
+
+
+def rotation(n: Node) -> Rotation | None:
+    """``rotate_half(src)`` (neox or interleaved) spelled any known way, else None."""
+    n_src, n_convs = canon.strip_converts(n)
+    parts = _cat_on_last_dim(n_src)
+    if parts is not None and len(parts) == 2 and is_op(parts[0], aten.neg):
+        lo = canon.last_dim_slice(parts[1])
+        hi = canon.last_dim_slice(parts[0].args[0])
+        if lo and hi and lo.src is hi.src and lo.step == hi.step == 1:
+            d = canon.static_int(tensor_val(lo.src).shape[-1])
+            h = d // 2 if d else None
+            if d and d % 2 == 0 and (lo.start, lo.stop, hi.start, hi.stop) == (0, h, h, d):
+                return Rotation(lo.src, False, [*n_convs, n_src, parts[0], *_slice_nodes(parts[0].args[0]),
+                                                *_slice_nodes(parts[1])])
+    # interleaved: reshape(cat([unsqueeze(-x_odd, -1), unsqueeze(x_even, -1)], -1), [..., D])
+    if canon.merges_last_two_dims(n_src):
+        pairs = _cat_on_last_dim(n_src.args[0])
+        if pairs is not None and len(pairs) == 2 and all(
+                is_op(u, aten.unsqueeze) and canon.is_last_dim(u.args[1], u) for u in pairs):
+            u_neg, u_pos = pairs
+            if is_op(u_neg.args[0], aten.neg):
+                odd = canon.last_dim_slice(u_neg.args[0].args[0])
+                even = canon.last_dim_slice(u_pos.args[0])
+                if odd and even and odd.src is even.src and odd.step == even.step == 2:
+                    d = canon.static_int(tensor_val(odd.src).shape[-1])
+                    if d and (odd.start, even.start) == (1, 0) and odd.stop == even.stop == d:
+                        nodes = [*n_convs, n_src, n_src.args[0], u_neg, u_pos, u_neg.args[0],
+                                 *_slice_nodes(u_neg.args[0].args[0]), *_slice_nodes(u_pos.args[0])]
+                        return Rotation(odd.src, True, nodes)
+    return None
+
+
+def symbolic_rotation_source(n: Node) -> Node | None:
+    """x of ``cat(-x[..., h:], x[..., :h])`` whose slice bounds are symbolic (head_dim dynamic)."""
+    parts = _cat_on_last_dim(canon.strip_converts(n)[0])
+    if parts is None or len(parts) != 2 or not is_op(parts[0], aten.neg):
+        return None
+    hi, lo = parts[0].args[0], parts[1]
+    return hi.args[0] if is_op(hi, aten.slice) and is_op(lo, aten.slice) and hi.args[0] is lo.args[0] else None
+
+
+def _deinterleaved_source(n: Node) -> Node | None:
+    """x of DeepSeek's ``cat([x0*cos - x1*sin, x1*cos + x0*sin], -1)``, x0/x1 = x[..., 0::2]/[..., 1::2]."""
+    parts = _cat_on_last_dim(n)
+    if parts is None or len(parts) != 2:
+        return None
+    first, second = (canon.binary(canon.strip_converts(p)[0], op) for p, op in zip(parts, (aten.sub, aten.add)))
+    if first is None or second is None:
+        return None
+    pairs = {}
+    for term in (*first, *second):
+        for a in canon.binary(term, aten.mul) or ():
+            sl = canon.last_dim_slice(canon.upcast_source(a)) if isinstance(a, Node) else None
+            if sl is not None and sl.step == 2:
+                pairs.setdefault(sl.src, set()).add(sl.start)
+    return next((src for src, starts in pairs.items() if starts == {0, 1}), None)
+
+
+def is_candidate(n: Node) -> bool:
+    """An add of two products, one with a rotate_half-like operand, or DeepSeek's de-interleaved RoPE."""
+    if canon.binary(n, aten.add) is not None:
+        a, b = n.args[:2]
+        if is_op(a, aten.mul) and is_op(b, aten.mul):
+            ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
+            return any(rotation(o) is not None or symbolic_rotation_source(o) is not None for o in ops)
+    return _deinterleaved_source(n) is not None
+
+
+def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
+    """What every RoPE in the graph rotates, before widening converts, a partial-rotary slice and
+    row views: the norm outputs that feed a RoPE (whether or not that RoPE is fused)."""
+    out = set()
+    for n in graph.nodes:
+        r = rotation(n)
+        src = r.src if r is not None else symbolic_rotation_source(n) or _deinterleaved_source(n)
+        if src is None:
+            continue
+        src = canon.upcast_source(src)
+        sl = canon.last_dim_slice(src)
+        src = sl.src if sl is not None and sl.start == 0 else src
+        rv = canon.row_view_source(src)
+        out.add(rv.src if rv is not None else src)
+    return out
+
+
+def match_rope(add: Node) -> RopeMatch:
+    """Read ``add`` as the RoPE output; raises Refused."""
+    if _deinterleaved_source(add) is not None:
+        raise Refused("DeepSeek's apply_rotary_pos_emb_interleave: its output is de-interleaved (each pair's "
+                      "rotated values go to the two halves), a layout the kernels do not write")
+    pair = canon.binary(add, aten.add)
+    if pair is None:
+        raise Refused("not an add")
+    for cos_term, sin_term in canon.both_orders(pair):
+        sin_pair = canon.binary(sin_term, aten.mul)
+        cos_pair = canon.binary(cos_term, aten.mul)
+        if sin_pair is None or cos_pair is None:
+            continue
+        for rot, sin in canon.both_orders(sin_pair):
+            r = rotation(rot) if isinstance(rot, Node) else None
+            if r is None:
+                continue
+            for x_in, cos in canon.both_orders(cos_pair):
+                if not isinstance(x_in, Node) or canon.upcast_source(x_in) is not canon.upcast_source(r.src):
+                    continue
+                return _finish_rope(add, r, x_in, cos, sin, [cos_term, sin_term, *r.nodes])
+    operands = [o for t in (pair[0], pair[1]) if is_op(t, aten.mul) for o in t.args[:2] if isinstance(o, Node)]
+    if any(symbolic_rotation_source(o) is not None for o in operands):
+        raise Refused("head_dim is symbolic (dynamic shapes on the projection's last dim); "
+                      "mark it static, e.g. torch._dynamo.mark_static(x, -1)")
+    raise Refused("add is not x*cos + rotate_half(x)*sin")
+
+
+def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]) -> RopeMatch:
+    src = r.src
+    y = canon.upcast_source(src)
+    interior = [add, *nodes]
+    if x_in is not y:
+        interior.append(x_in)
+    if src is not y:
+        interior.append(src)
+    rope_dtype = dtype_of(add)
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if not isinstance(t, Node) or tensor_val(t) is None:
+            raise Refused(f"{name} is not a tensor")
+        if canon.depends_on(t, y):
+            raise Refused(f"{name} depends on the rotated tensor")
+    rot_v, cos_v, sin_v = tensor_val(y), tensor_val(cos), tensor_val(sin)
+    rd = canon.static_int(rot_v.shape[-1])
+    for v, name in ((cos_v, "cos"), (sin_v, "sin")):
+        if canon.static_int(v.shape[-1]) != rd:
+            raise Refused(f"{name} last dim {v.shape[-1]} != rotated dim {rd}")
+        try:
+            b = torch.broadcast_shapes(v.shape[:-1], rot_v.shape[:-1])
+        except RuntimeError:
+            raise Refused(f"{name} {tuple(v.shape)} does not broadcast to x {tuple(rot_v.shape)}") from None
+        if len(b) != len(rot_v.shape[:-1]) or not all(canon.same_int(p, q) for p, q in zip(b, rot_v.shape[:-1])):
+            raise Refused(f"{name} {tuple(v.shape)} is larger than x {tuple(rot_v.shape)}")
+    # The op's output: at most one convert after the add joins the site; any further one stays in
+    # the graph, after the op.
+    anchor, out_dtype = add, rope_dtype
+    if len(anchor.users) == 1 and canon.is_convert(next(iter(anchor.users))):
+        anchor = next(iter(anchor.users))
+        interior.append(anchor)
+        out_dtype = dtype_of(anchor)
+    # Partial rotary: y = x[..., :rd] rotated, then cat with x[..., rd:].
+    full_src = y
+    sl = canon.last_dim_slice(y)
+    if sl is not None and sl.start == 0 and sl.step == 1 and len(anchor.users) == 1:
+        parts = _cat_on_last_dim(next(iter(anchor.users)))
+        tail = canon.last_dim_slice(parts[1]) if parts is not None and len(parts) == 2 and parts[0] is anchor else None
+        full_d = canon.static_int(tensor_val(sl.src).shape[-1])
+        if tail and tail.src is sl.src and tail.start == sl.stop and tail.stop == full_d and tail.step == 1:
+            if dtype_of(parts[1]) != out_dtype:
+                raise Refused("partial rotary: pass-through part has another dtype than the rotated part")
+            cat = next(iter(anchor.users))
+            interior += [y, parts[1], cat]
+            anchor, full_src = cat, sl.src
+    return RopeMatch(anchor, full_src, cos, sin, rd, r.interleaved, rope_dtype, out_dtype, interior)
