@@ -128,16 +128,48 @@ def bad_calls():
     return len(cases)
 
 
+def cache_writes() -> int:
+    """The KV-cache write mode of the kernel (what the pass splices for HF's StaticCache): k and v rows
+    at positions at both ends of the cache, negative ones, and positions past its end (not written)."""
+    from qkfuse.kernels import triton_norm_rope as tk
+
+    g = torch.Generator(device=DEV).manual_seed(7)
+    n = 0
+    for B, S, L, D in ((1, 1, 16, 128), (3, 5, 37, 80), (2, 4, 8, 256)):
+        q = torch.randn(B, S, 4, D, device=DEV, generator=g).bfloat16().transpose(1, 2)
+        k = torch.randn(B, S, 2, D, device=DEV, generator=g).bfloat16().transpose(1, 2)
+        v = torch.randn(B, S, 2, D, device=DEV, generator=g).bfloat16().transpose(1, 2)
+        w = torch.randn(D, device=DEV, generator=g).bfloat16()
+        cos = torch.randn(B, 1, S, D, device=DEV, generator=g).bfloat16()
+        recipe = Recipe(norm="rms", cast_before_weight=True, norm_dtype=torch.bfloat16,
+                        rope_dtype=torch.bfloat16, out_dtype=torch.bfloat16, rotary_dim=D)
+        for index in (torch.arange(L - S, L), torch.arange(S) - S, torch.arange(S) + L - 1):
+            kc = torch.randn(B, 2, L, D, device=DEV, generator=g).bfloat16()
+            vc = torch.randn(B, 2, L, D, device=DEV, generator=g).bfloat16()
+            before_v = vc.clone()
+            tk.launch(q, k, w, w, cos, cos, 1e-6, 1e-6, recipe,
+                      cache=tk.CacheTarget(kc, index.to(DEV), 2, v, vc))
+            wrapped = index % L
+            inside = (index >= -L) & (index < L)
+            expect = before_v.clone()
+            expect[:, :, wrapped[inside]] = v[:, :, inside]
+            if not torch.equal(vc, expect):
+                FAILURES.append(f"cache write B={B} S={S} L={L} D={D} index={index.tolist()}: v cache differs")
+            n += 1
+    return n
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     n_good = good_calls()
     n_bad = bad_calls()
+    n_cache = cache_writes()
     torch.cuda.synchronize()
     for f in FAILURES:
         print("FAIL", f)
-    print(f"{n_good} good calls, {n_bad} bad calls, {len(FAILURES)} failures")
+    print(f"{n_good} good calls, {n_bad} bad calls, {n_cache} cache writes, {len(FAILURES)} failures")
     return 1 if FAILURES else 0
 
 
