@@ -7,14 +7,16 @@ family (the ``Family`` protocol, ``family.py``) composes them in a few lines:
 - ``norm_rope``: per-head RMSNorm of q and k followed by RoPE (neox or interleaved, full or
   partial rotary), paired into one q+k call when they share cos/sin.
 - ``rope`` (opt-in): the same RoPE without a norm in front.
+- ``norm`` (opt-in): per-head RMSNorms of q and k with no RoPE after them, one call for the pair.
 
 FAMILIES is the order in which the pass tries the families that propose one candidate node.
 """
 
 from .family import Family, MatchContext, Refused, Site
+from .norm import NormOnly
 from .norm_rope import NormRope, RopeOnly
 
-FAMILIES: tuple[Family, ...] = (NormRope(), RopeOnly())
+FAMILIES: tuple[Family, ...] = (NormRope(), RopeOnly(), NormOnly())
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 
 __all__ = ["BY_NAME", "FAMILIES", "Family", "MatchContext", "Refused", "Site"]
