@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--model", choices=(*MODELS, "all"), default="all")
     p.add_argument("--iters", type=int, default=20, help="timed calls per backend (median reported)")
+    from . import scan
+    scan.add_arguments(sub.add_parser("scan", help="coverage: fuse, check and report every RoPE / QK-norm "
+                                                   "architecture built from a tiny config"))
     args = parser.parse_args(argv)
+    if args.command == "scan":
+        return scan.run(args)
     if args.iters < 1:
         p.error("--iters must be at least 1")
     return demo(args)
