@@ -108,7 +108,9 @@ def symbolic_rotation_source(n: Node) -> Node | None:
     if parts is None or len(parts) != 2 or not is_op(parts[0], aten.neg):
         return None
     hi, lo = parts[0].args[0], parts[1]
-    return hi.args[0] if is_op(hi, aten.slice) and is_op(lo, aten.slice) and hi.args[0] is lo.args[0] else None
+    if not (is_op(hi, aten.slice) and is_op(lo, aten.slice) and hi.args[0] is lo.args[0]):
+        return None
+    return hi.args[0] if canon.last_dim_slice(hi) is None and canon.last_dim_slice(lo) is None else None
 
 
 def _deinterleaved_source(n: Node) -> Node | None:
@@ -226,6 +228,6 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
             if dtype_of(parts[1]) != out_dtype:
                 raise Refused("partial rotary: pass-through part has another dtype than the rotated part")
             cat = next(iter(anchor.users))
-            interior += [y, parts[1], cat]
+            interior += dict.fromkeys([*_slice_nodes(y), *_slice_nodes(parts[1]), cat])
             anchor, full_src = cat, sl.src
     return RopeMatch(anchor, full_src, cos, sin, rd, r.interleaved, rope_dtype, out_dtype, interior)
