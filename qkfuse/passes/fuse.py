@@ -3,6 +3,16 @@
 Runs on the functional post-grad ATen graph (Inductor's ``post_grad_custom_pre_pass``), before
 Inductor's own post-grad patterns and before reinplacing.
 
+Families (qkfuse/patterns, the ``Family`` protocol): every enabled family proposes candidate
+nodes; a node proposed by several is matched by the first of them (in ``patterns.FAMILIES``
+order) that reads it as a site. Records and counters (``<family>_sites``, ``<family>_calls``,
+``<family>_refused``) are per family.
+
+Symbolic head_dim (``dynamic=True`` on raw ``[..., D]`` inputs): a site that matches once the
+input sizes found only in last dims are read as their hints gets those sizes guarded to their
+values (``guard_int``: the guard joins Dynamo's, so another head_dim recompiles while batch and
+sequence sizes stay symbolic), and is then matched as static.
+
 Containment: one odd site must never break a user's compile. An exception raised while matching
 or replacing a site leaves that site unfused (replacements change the graph only once nothing can
 fail), records the reason for ``explain`` and logs the traceback; ``Options.strict_errors`` (the
@@ -16,11 +26,12 @@ import logging
 
 import torch
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 from ..kernels import policy
 from ..options import Options
-from ..patterns import BY_NAME, FAMILIES, MatchContext, Refused, Site, kv_cache
-from ..patterns.canon import dtype_of, tensor_val
+from ..patterns import BY_NAME, FAMILIES, MatchContext, Refused, Site, canon, kv_cache
+from ..patterns.canon import dtype_of, static_int, tensor_val
 from .pairing import group_sites, placeable
 from .records import SiteRecord, publish
 from .replace import replace_group
@@ -31,7 +42,8 @@ _graph_ids = itertools.count()
 
 def _shape(n):
     v = tensor_val(n)
-    return None if v is None else tuple(int(s) if isinstance(s, int) else str(s) for s in v.shape)
+    # (a specialised head_dim is a SymInt with a constant value)
+    return None if v is None else tuple(str(s) if static_int(s) is None else static_int(s) for s in v.shape)
 
 
 def _graph_code(graph: torch.fx.Graph) -> str:
@@ -84,6 +96,7 @@ class _Run:
 
     def match(self, order: dict) -> list[Site]:
         ctx = MatchContext(frozenset(self.options.families))
+        specialisable = _specialisable_symbols(self.graph)
         proposed = self.proposals()
         sites: list[Site] = []
         claimed: set = set()
@@ -91,7 +104,7 @@ class _Run:
         for cand in sorted(proposed, key=order.__getitem__):
             family = proposed[cand][0].name  # whose refusal it is, unless a matcher says otherwise
             try:
-                site = _first_site(cand, proposed[cand], ctx)
+                site = _match(cand, proposed[cand], ctx, specialisable)
                 family = site.family
                 if claimed.intersection(site.interior):
                     raise Refused("overlaps another site")
@@ -178,6 +191,52 @@ def _first_site(cand, families, ctx: MatchContext) -> Site:
             refusals.append((family, e))
     family, e = next(((f, e) for f, e in refusals if not e.wrong_kind), refusals[0])
     raise Refused(str(e), wrong_kind=e.wrong_kind, site_of=e.site_of or family.name)
+
+
+def _specialisable_symbols(graph: torch.fx.Graph) -> frozenset:
+    """The sizes the pass may specialise: those found only in the last dims of the graph's inputs
+    (canon.innermost_symbols), less any the user marked dynamic (``torch._dynamo.mark_dynamic``:
+    specialising one fails the compile). Read from the Dynamo frame being compiled; outside one
+    (export, a direct compile_fx) nothing is specialised."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tracked = InstructionTranslator.current_tx().output.tracked_fakes
+    except AttributeError:  # no frame
+        return frozenset()
+    marked = set()
+    for t in tracked:
+        constraints = getattr(t.symbolic_context, "constraint_sizes", None) or ()
+        for size, constraint in zip(t.fake.size() if isinstance(t.fake, torch.Tensor) else (), constraints):
+            # (automatic dynamic shapes constrain with warn_only: specialising those is allowed)
+            if constraint is not None and not getattr(constraint, "warn_only", False) and isinstance(size, torch.SymInt):
+                marked |= size.node.expr.free_symbols
+    return canon.innermost_symbols(graph) - marked
+
+
+def _match(cand, families, ctx: MatchContext, specialisable: frozenset) -> Site:
+    """_first_site, and where it refuses a site that matches with its specialisable sizes (a
+    symbolic head_dim) read as their hints: those sizes specialised, then the site."""
+    try:
+        return _first_site(cand, families, ctx)
+    except Refused:
+        if not (specialisable and _specialises(cand, families, ctx, specialisable)):
+            raise
+    return _first_site(cand, families, ctx)
+
+
+def _specialises(cand, families, ctx: MatchContext, symbols: frozenset) -> bool:
+    """Whether `cand` matches with `symbols` read as their size hints. If it does, the sizes it read
+    are guarded to those values (the guards join Dynamo's: another head_dim recompiles; batch and
+    sequence sizes are not among `symbols`), so that it now matches as static."""
+    with canon.reading_hints(symbols) as read:
+        try:
+            _first_site(cand, families, ctx)
+        except Refused:
+            return False
+    for size in read:
+        guard_int(size)
+    return bool(read)
 
 
 def _groups_to_try(group, options: Options):

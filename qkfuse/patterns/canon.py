@@ -10,6 +10,8 @@ one shape.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import operator
 from collections.abc import Iterator
@@ -56,7 +58,8 @@ def is_op(n, *targets) -> bool:
 
 def static_int(v) -> int | None:
     """v as a Python int when it is one: an int, a SymInt with a constant value, or a node computing
-    one (a slice bound derived from a size)."""
+    one (a slice bound derived from a size). Inside ``reading_hints``, also a SymInt over the given
+    symbols only, as its hint."""
     if isinstance(v, Node):
         v = val(v)
     if isinstance(v, bool):
@@ -65,8 +68,40 @@ def static_int(v) -> int | None:
         return v
     if isinstance(v, torch.SymInt):
         constant = v.node.maybe_as_int()
-        return None if constant is None else int(constant)
+        if constant is not None:
+            return int(constant)
+        hinted = _HINTED.get()
+        if hinted is not None and v.node.has_hint() and v.node.expr.free_symbols <= hinted[0]:
+            hinted[1].append(v)
+            return int(v.node.hint)
     return None
+
+
+_HINTED: contextvars.ContextVar[tuple[frozenset, list] | None] = contextvars.ContextVar("qkfuse_hinted", default=None)
+
+
+@contextlib.contextmanager
+def reading_hints(symbols):
+    """Within the block, static_int reads a SymInt over `symbols` only as its size hint: a trial
+    match of a site as it would be with those sizes specialised. Yields the SymInts read so."""
+    read: list = []
+    token = _HINTED.set((frozenset(symbols), read))
+    try:
+        yield read
+    finally:
+        _HINTED.reset(token)
+
+
+def innermost_symbols(graph: torch.fx.Graph) -> frozenset:
+    """The symbols that size only the last dim of the graph's input tensors (head_dim under
+    dynamic=True on raw [..., D] inputs): specialising them pins no batch or sequence size."""
+    last, other = set(), set()
+    for n in graph.find_nodes(op="placeholder"):
+        v = tensor_val(n)
+        for i, size in enumerate(v.shape if v is not None else ()):
+            if isinstance(size, torch.SymInt):
+                (last if i == v.dim() - 1 else other).update(size.node.expr.free_symbols)
+    return frozenset(last - other)
 
 
 def same_int(a, b) -> bool:

@@ -194,18 +194,3 @@ def test_disabled_pass_changes_nothing():
     run = check(fn, inputs(), {}, fused=0, options=Options(enable=False))
     assert run.records == [] and run.count("qkfuse") == 0
 
-
-def test_symbolic_head_dim_is_refused_with_a_hint():
-    """dynamic=True on raw [B,S,H,D] inputs makes head_dim symbolic: listed, refused, explained."""
-
-    def fn(q, k, qw, kw, cos, sin):
-        qn = llama_norm(q, qw).transpose(1, 2)
-        kn = llama_norm(k, kw).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        return rope(qn, c, s), rope(kn, c, s)
-
-    run = run_pass(fn, *inputs(), dynamic=True)
-    assert len(run.refused) == 2 and not run.fused
-    assert all("head_dim is symbolic" in r.reason and "mark_static" in r.reason for r in run.refused)
-    for out, ref in zip(run.out, run.ref):
-        assert scale_error(out, ref) == 0.0
