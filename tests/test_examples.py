@@ -9,7 +9,8 @@ import sys
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ["hf_optimize.py", "compile_backend.py", "fuse_decorator.py", "stock_inductor_pass.py", "explain.py"]
+SCRIPTS = ["hf_optimize.py", "compile_backend.py", "fuse_decorator.py", "stock_inductor_pass.py", "explain.py",
+           "export_aoti.py"]
 
 
 @pytest.mark.slow

@@ -41,6 +41,8 @@ class QKFusePass(CustomGraphPass):
         self.user_pass = user_pass
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.options.active:
+            _remove_assert_ops(graph)
         fuse.run(graph, self.options)
         if self.user_pass is not None:
             self.user_pass(graph)
@@ -57,6 +59,14 @@ class QKFusePass(CustomGraphPass):
 
     def __repr__(self) -> str:
         return f"QKFusePass({self.options})"
+
+
+def _remove_assert_ops(graph: torch.fx.Graph) -> None:
+    """Erase ``aten._assert_tensor_metadata`` nodes, as Inductor itself does right after this hook
+    (``remove_assert_ops``; the op lowers to nothing anyway). torch.export emits one after every
+    ``.to(dtype)``; left in, it is a user of the chain's intermediates and every site is refused."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default):
+        graph.erase_node(node)
 
 
 def pass_(**options) -> QKFusePass:
