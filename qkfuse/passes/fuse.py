@@ -200,6 +200,9 @@ def _specialisable_symbols(graph: torch.fx.Graph) -> frozenset:
     (export, a direct compile_fx) nothing is specialised."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
+    innermost = canon.innermost_symbols(graph)
+    if not innermost:
+        return innermost
     try:
         tracked = InstructionTranslator.current_tx().output.tracked_fakes
     except AttributeError:  # no frame
@@ -209,9 +212,10 @@ def _specialisable_symbols(graph: torch.fx.Graph) -> frozenset:
         constraints = getattr(t.symbolic_context, "constraint_sizes", None) or ()
         for size, constraint in zip(t.fake.size() if isinstance(t.fake, torch.Tensor) else (), constraints):
             # (automatic dynamic shapes constrain with warn_only: specialising those is allowed)
-            if constraint is not None and not getattr(constraint, "warn_only", False) and isinstance(size, torch.SymInt):
+            strict = constraint is not None and not getattr(constraint, "warn_only", False)
+            if strict and isinstance(size, torch.SymInt):
                 marked |= size.node.expr.free_symbols
-    return canon.innermost_symbols(graph) - marked
+    return innermost - marked
 
 
 def _match(cand, families, ctx: MatchContext, specialisable: frozenset) -> Site:

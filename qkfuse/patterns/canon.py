@@ -77,7 +77,8 @@ def static_int(v) -> int | None:
     return None
 
 
-_HINTED: contextvars.ContextVar[tuple[frozenset, list] | None] = contextvars.ContextVar("qkfuse_hinted", default=None)
+# (symbols, SymInts read as hints) while reading_hints is active
+_HINTED: contextvars.ContextVar[tuple[frozenset, list] | None] = contextvars.ContextVar("qkfuse_hints", default=None)
 
 
 @contextlib.contextmanager

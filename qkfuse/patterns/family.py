@@ -123,8 +123,6 @@ def check_interior(site_nodes: list[Node], anchor: Node) -> None:
                 raise Refused(f"intermediate {n.name} has a user outside the chain ({u.name})")
 
 
-def require_static_head_dim(x: Node) -> int:
-    head_dim = canon.static_int(tensor_val(x).shape[-1])
-    if head_dim is None:
+def require_static_head_dim(x: Node) -> None:
+    if canon.static_int(tensor_val(x).shape[-1]) is None:
         raise Refused("head_dim is symbolic")
-    return head_dim

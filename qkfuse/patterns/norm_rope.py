@@ -93,7 +93,8 @@ class RopeOnly(NormRope):
             pass
         else:
             disabled = "" if FAMILY in ctx.families else f", and family {FAMILY!r} is disabled"
-            raise Refused(f"an RMSNorm feeds this RoPE: a {FAMILY} site{disabled}", wrong_kind=True, site_of=FAMILY)
+            raise Refused(f"an RMSNorm feeds this RoPE: a {FAMILY} site{disabled}", wrong_kind=True,
+                          site_of=FAMILY)
         require_static_head_dim(y)
         recipe = Recipe(norm="none", norm_dtype=dtype_of(y), **r.recipe_part())
         interior = [n for n in (*r.interior, *rows.nodes) if n is not y]

@@ -222,7 +222,8 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
     sl = canon.last_dim_slice(y)
     if sl is not None and sl.start == 0 and sl.step == 1 and len(anchor.users) == 1:
         parts = _cat_on_last_dim(next(iter(anchor.users)))
-        tail = canon.last_dim_slice(parts[1]) if parts is not None and len(parts) == 2 and parts[0] is anchor else None
+        is_pair = parts is not None and len(parts) == 2 and parts[0] is anchor
+        tail = canon.last_dim_slice(parts[1]) if is_pair else None
         full_d = canon.static_int(tensor_val(sl.src).shape[-1])
         if tail and tail.src is sl.src and tail.start == sl.stop and tail.stop == full_d and tail.step == 1:
             if dtype_of(parts[1]) != out_dtype:

@@ -102,7 +102,8 @@ def test_norms_that_feed_a_rope_are_left_to_norm_rope(rope_fused):
 
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    run = run_pass(fn, r(B, S, HQ, D), r(B, S, HK, D), r(D), r(D), r(B, S, D), r(B, S, D), options=NORM)
+    args = r(B, S, HQ, D), r(B, S, HK, D), r(D), r(D), r(B, S, D), r(B, S, D)
+    run = run_pass(fn, *args, options=NORM)
     assert {r.family for r in run.records} == {"norm_rope"}
     assert len(run.fused) == (2 if rope_fused else 1)
     for out, ref in zip(run.out, run.ref):
