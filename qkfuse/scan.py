@@ -54,9 +54,10 @@ TINY = dict(
     # mixture of experts
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
     n_shared_experts=1, shared_expert_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-    num_shared_experts=1, moe_num_experts=4, moe_topk=2,
+    num_shared_experts=1, moe_num_experts=4, moe_topk=2, moe_k=2,
     # multi-head latent attention
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    rotary_dim=8,  # GPT-J / CodeGen: partial rotary, as in the real configs
     # windows / sharing / vision towers
     sliding_window=8, attention_chunk_size=8, num_kv_shared_layers=0, depth=2, image_size=32, patch_size=8,
     out_hidden_size=64, projection_dim=64,
@@ -167,17 +168,30 @@ def _config_fields(cls) -> set:
     return names
 
 
-def _tiny_kwargs(cls, default, depth: int = 0) -> dict:
+def _get(obj, name):
+    """getattr that never raises (configs with per-layer attributes raise on the global one)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
+def _tiny_kwargs(cls, default, depth: int = 0, parts: list | None = None) -> dict:
     """Constructor kwargs for a tiny `cls` config: TINY on the fields `cls` has, per-layer lists cut
-    to the tiny layer count, sub-configs (text/vision/audio) made tiny the same way."""
+    to the tiny layer count, mRoPE sections scaled to the tiny head_dim, sub-configs (text, vision,
+    audio) made tiny the same way. `parts` collects (kwargs dict, its fields) for every level."""
     from transformers import PretrainedConfig
 
     fields = _config_fields(cls)
-    kw = {k: v for k, v in TINY.items() if k in fields}
-    layers = getattr(default, "num_hidden_layers", None)
+    # a scalar where the default is per-layer list (or the reverse) would fail the config's type check
+    kw = {k: v for k, v in TINY.items() if k in fields and
+          isinstance(_get(default, k), (list, tuple)) == isinstance(v, (list, tuple))}
+    if parts is not None:
+        parts.append((kw, fields))
+    layers = _get(default, "num_hidden_layers")
     if isinstance(layers, int) and layers > 0:
         for f in fields:
-            v = getattr(default, f, None)
+            v = _get(default, f)
             if isinstance(v, (list, tuple)) and len(v) == layers and layers != TINY["num_hidden_layers"] \
                     and not f.endswith("_config"):
                 kw[f] = list(v[: TINY["num_hidden_layers"]])
@@ -189,19 +203,46 @@ def _tiny_kwargs(cls, default, depth: int = 0) -> dict:
                     kw["num_hidden_layers"] = max(TINY["num_hidden_layers"], len(kinds))
     if "kv_lora_rank" in fields and "num_attention_heads" in kw:
         kw["num_key_value_heads"] = kw["num_attention_heads"]  # multi-head latent attention: no GQA
+    rope = _get(default, "rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), (list, tuple)) and "head_dim" in kw:
+        sec = list(rope["mrope_section"])
+        half, total = kw["head_dim"] // 2, sum(sec)
+        scaled = [max(1, round(x * half / total)) for x in sec]
+        scaled[0] += half - sum(scaled)
+        kw["rope_parameters"] = dict(rope, mrope_section=scaled)
     if depth < 2:
         for name, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
-            sub = getattr(default, name, None)
+            sub = _get(default, name)
             if isinstance(sub, PretrainedConfig):
-                d = _tiny_kwargs(type(sub), sub, depth + 1)
+                d = _tiny_kwargs(type(sub), sub, depth + 1, parts)
                 if not (isinstance(sub_cls, type) and issubclass(sub_cls, PretrainedConfig)):
                     d["model_type"] = sub.model_type  # an AutoConfig slot
                 kw[name] = d
     return kw
 
 
-def _mentioned(kw: dict, message: str) -> list[str]:
-    return [k for k in kw if re.search(rf"\b{re.escape(k)}\b", message)]
+_MUST_EQUAL = re.compile(r"`?(\w+)`?(?: \([^)]*\))? must (?:equal|match|be equal to) `?(\w+)`?")
+
+
+def _repair(parts: list, message: str) -> bool:
+    """Change the tiny kwargs after a config error: "a must equal b" sets a to b's tiny value;
+    otherwise the tiny fields the message names fall back to the defaults. False: nothing to change."""
+    changed = False
+    for a, b in _MUST_EQUAL.findall(message):
+        for kw, fields in parts:
+            if b in kw and a in fields and kw.get(a) != kw[b]:
+                kw[a] = kw[b]
+                changed = True
+            elif a in kw and b in fields and b not in kw and kw.get(b) != kw[a]:
+                kw[b] = kw[a]
+                changed = True
+    if changed:
+        return True
+    for kw, _fields in parts:
+        for k in [k for k in kw if k in TINY and re.search(rf"\b{re.escape(k)}\b", message)]:
+            kw.pop(k)
+            changed = True
+    return changed
 
 
 def build_transformers(name: str, dtype):
@@ -216,15 +257,16 @@ def build_transformers(name: str, dtype):
         default = cfg_cls()
     except Exception as e:
         raise BuildError(f"default config: {_short(e)}") from None
-    kw = _tiny_kwargs(cfg_cls, default)
+    parts: list = []
+    kw = _tiny_kwargs(cfg_cls, default, parts=parts)
     cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(name) or MODEL_MAPPING_NAMES[name]
     if isinstance(cls_name, (list, tuple)):
         cls_name = cls_name[0]
     model_cls = getattr(transformers, cls_name, None)
     if model_cls is None:
         raise BuildError(f"transformers has no {cls_name}")
-    errors = []
-    for _attempt in range(8):
+    errors, model = [], None
+    for _attempt in range(10):
         try:
             config = cfg_cls(**kw)
             torch.manual_seed(0)
@@ -232,18 +274,20 @@ def build_transformers(name: str, dtype):
             break
         except Exception as e:
             errors.append(_short(e))
-            drop = _mentioned(kw, str(e))
-            if not drop:
-                raise BuildError(f"tiny config: {errors[0]}" + (f" (then: {errors[-1]})" if len(errors) > 1 else ""))
-            for k in drop:
-                kw.pop(k)
-    else:
-        raise BuildError(f"tiny config: {errors[0]}")
+            if not _repair(parts, str(e)):
+                break
+    if model is None:
+        raise BuildError(f"tiny config: {errors[0]}" + (f" (last: {errors[-1]})" if len(errors) > 1 else ""))
     params = sum(p.numel() for p in model.parameters())
     if params > 200e6:
         raise BuildError(f"tiny config still has {params / 1e6:.0f}M parameters (fields not shrunk)")
     model = model.to(dtype).eval()
-    inputs = _transformers_inputs(model, config)
+    try:
+        inputs = _transformers_inputs(model, config)
+    except BuildError:
+        raise
+    except Exception as e:
+        raise BuildError(f"tiny input: {_short(e)}") from None
     return model, inputs, cls_name
 
 
@@ -330,6 +374,8 @@ def _short(e: BaseException, limit: int = 300) -> str:
     errors, the line that names the real cause."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    if len(lines) > 1 and lines[0].endswith(":"):  # e.g. a config validator: the cause is on the next line
+        text += " " + lines[1]
     cause = next((ln for ln in lines[1:] if ln.startswith(("Explanation:", "got ")) or " got " in ln), None)
     if cause:
         m = re.search(r"got (\w+\(.*)", cause)
@@ -657,6 +703,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel subprocesses (default 1)")
     p.add_argument("--out", default="docs/coverage.md", help="markdown output (a .json with the rows beside it)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in the .json of --out")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: scan again the rows that ended in a build error, compile error or timeout")
     p.add_argument("--note", default="", help="a line added to the markdown header")
 
 
@@ -669,7 +717,8 @@ def run(args: argparse.Namespace) -> int:
     rows: dict = {}
     if args.resume and out_json.exists():
         old = json.loads(out_json.read_text())
-        rows = {(r["kind"], r["name"]): r for r in old.get("rows", []) if r.get("dtype") == args.dtype}
+        rows = {(r["kind"], r["name"]): r for r in old.get("rows", []) if r.get("dtype") == args.dtype
+                and not (args.retry_failed and r["status"] in ("build error", "compile error", "timeout"))}
     todo = [t for t in targets if (t.kind, t.name) not in rows]
     meta = dict(versions=versions(), dtype=args.dtype, families=args.families, timeout=args.timeout,
                 command="python -m qkfuse scan " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["scan"] else sys.argv[1:]),

@@ -32,9 +32,10 @@ def run_scan(tmp_path, *args, timeout=600):
     return proc, out.read_text(), json.loads(out.with_suffix(".json").read_text())
 
 
+@pytest.mark.slow  # ~15-25 s on 2 idle cores (two tiny-model compiles in parallel), more under load
 def test_scan_qwen3_fused_llama_refused_with_reason(tmp_path):
     pytest.importorskip("transformers")
-    proc, md, data = run_scan(tmp_path, "--only", "qwen3,llama")
+    proc, md, data = run_scan(tmp_path, "--only", "qwen3,llama", "--jobs", "2")
     rows = md_rows(md)
     qwen3, llama = rows["qwen3"], rows["llama"]
     # Qwen3: every candidate (q and k of both layers) fused, none refused, output equal to eager
