@@ -751,6 +751,13 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    futs: list = []
+
+    def on_term(signum, frame):  # kill -TERM of the driver: stop its workers too
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     try:
         if console is not None:
             with Progress(TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
