@@ -396,14 +396,20 @@ _VIEW_OPS = (aten.unsqueeze, aten.reshape, aten.view, aten.expand, aten.permute,
 
 
 def data_identity(n):
-    """A key equal for two nodes that are views of the same data with the same layout."""
+    """A key equal for two nodes that hold the same values in the same layout: views of the same
+    data, where that data may itself be a copy (clone, convert) computed the same way from the same
+    source (GPT-J's repeat_interleave'd cos, written once per rotated tensor)."""
     if not isinstance(n, Node):
         return n
     base = n
     while is_op(base, *_VIEW_OPS):
         base = base.args[0]
     v = tensor_val(n)
-    if v is None or base is n:
+    if v is None:
+        return n
+    if is_copy(base):
+        base = (base.target, data_identity(base.args[0]), _hashable(val(base).stride()), val(base).dtype)
+    elif base is n:
         return n
     return (base, _hashable(v.shape), _hashable(v.stride()), _hashable([v.storage_offset()]), v.dtype)
 

@@ -5,7 +5,8 @@ interleaved pairs as GPT-J's ``x[:, :, :, ::2]`` slices or diffusers' ``reshape(
 both ``stack((-x2, x1), -1).flatten(-2)``), the partial-rotary split (none, slices, ``torch.split``,
 ``chunk``, ``narrow``) with its cat, the layout (RoPE after the transpose, norm and RoPE before it
 as Gemma3n/GPT-J, packed ``[N, H, D]``), cos/sin in the input dtype or float32 (``x.float()``
-... ``.to(dtype)``), GPT-J's in-graph ``repeat_interleave``'d cos, with a norm in front
+... ``.to(dtype)``), GPT-J's in-graph ``repeat_interleave``'d cos (once, or once per tensor: the
+copies pair), with a norm in front
 (``norm_rope``) or without (``rope``). Asserted: one fused call for q+k, equal to the unfused
 graph. Then the forms that must be refused, with their reasons.
 """
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from qkfuse.options import Options
+from qkfuse.passes.records import collect
 from tests.conftest import UNIT_ROUNDOFF
 from tests.graph_harness import run_pass, scale_error
 from tests.patterns.test_norm_rope_negative import llama_norm
@@ -37,6 +39,9 @@ class Form:
     layout: str
     float_cos: bool  # cos/sin in float32, x upcast and the result cast back (diffusers)
     norm: bool  # a per-head RMSNorm in front (family norm_rope), else none (family rope)
+    # GPT-J prepares the repeat_interleave'd cos/sin inside the RoPE function, once per tensor: copies
+    # computed alike from the same input pair (a table built by other ops per tensor would not)
+    tables_per_tensor: bool
     D: int
     rd: int
     Hq: int
@@ -87,22 +92,28 @@ def apply_rope(x, cos, sin, f: Form):
     return out if xp is None else torch.cat([out, xp], dim=-1)
 
 
+def tables(cos, sin, dtype, f: Form):
+    """Full-width tables from the per-frequency cos/sin, unsqueezed at the head dim."""
+    if f.interleaved:  # GPT-J: repeat_interleave'd, in the graph
+        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    else:
+        cos, sin = torch.cat([cos] * 2, -1), torch.cat([sin] * 2, -1)
+    if not f.float_cos:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    head_dim = 2 if f.layout == "rope_before_transpose" else 1
+    return cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
+
+
 def block(f: Form):
     def fn(q, k, qw, kw, freqs):
         q, k = q.view(*q.shape[:-1], -1, f.D), k.view(*k.shape[:-1], -1, f.D)
         if f.norm:
             q, k = llama_norm(q, qw), llama_norm(k, kw)
-        if f.interleaved:  # GPT-J: repeat_interleave'd tables, computed in the graph
-            cos, sin = freqs.cos().repeat_interleave(2, -1), freqs.sin().repeat_interleave(2, -1)
-        else:
-            cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
-        if not f.float_cos:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         if f.layout == "rope_after_transpose":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-        head_dim = 2 if f.layout == "rope_before_transpose" else 1
-        cos, sin = cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
-        q, k = apply_rope(q, cos, sin, f), apply_rope(k, cos, sin, f)
+        cos, sin = freqs.cos(), freqs.sin()
+        shared = None if f.tables_per_tensor else tables(cos, sin, q.dtype, f)
+        q, k = (apply_rope(x, *(shared or tables(cos, sin, q.dtype, f)), f) for x in (q, k))
         if f.layout == "rope_before_transpose":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         return q, k
@@ -124,8 +135,10 @@ def forms(draw):
     split = draw(st.sampled_from(SPLITS))
     rd = {"none": D, "chunk": D // 2}.get(split) or draw(st.sampled_from([D // 2, D // 4]))
     hk = draw(st.sampled_from([1, 2]))
-    return Form(draw(st.sampled_from(ROTATIONS)), split, draw(st.sampled_from(LAYOUTS)), draw(st.booleans()),
-                draw(st.booleans()), D, rd, hk * draw(st.sampled_from([1, 2])), hk,
+    rotation = draw(st.sampled_from(ROTATIONS))
+    per_tensor = rotation.startswith("interleaved") and draw(st.booleans())
+    return Form(rotation, split, draw(st.sampled_from(LAYOUTS)), draw(st.booleans()), draw(st.booleans()),
+                per_tensor, D, rd, hk * draw(st.sampled_from([1, 2])), hk,
                 draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
 
 
@@ -223,3 +236,20 @@ def _partial(order: str):
                                           ("not_concatenated", "not concatenated right after")])
 def test_partial_rotary_the_recipe_does_not_compute_is_refused(order, reason):
     _check_left_alone(_partial(order), reason, families=("norm_rope",))
+
+
+def test_hf_gptj_fuses_q_and_k_per_layer_under_family_rope():
+    """transformers' GPT-J: interleaved partial rotary on [B, S, H, D] before the transpose, its
+    repeat_interleave'd cos/sin prepared once per tensor, no q/k norm (family rope)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTJConfig(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPTJForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad(), collect() as records:
+        ref = model(ids).logits
+        out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": "rope"})(ids).logits
+    assert counters["qkfuse"]["rope_calls"] == cfg.n_layer and counters["qkfuse"]["rope_sites"] == 2 * cfg.n_layer
+    assert all(r.fused and r.k_shape is not None and r.recipe == "interleaved rope[8]" for r in records), records
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
