@@ -9,14 +9,14 @@ import sys
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ["hf_optimize.py", "compile_backend.py", "fuse_decorator.py", "stock_inductor_pass.py", "explain.py",
-           "export_aoti.py"]
+SCRIPTS = ["hf_optimize.py", "hf_generate.py", "compile_backend.py", "fuse_decorator.py", "stock_inductor_pass.py",
+           "explain.py", "export_aoti.py"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example(script):
-    if script == "hf_optimize.py":
+    if script.startswith("hf_"):
         pytest.importorskip("transformers")
     proc = subprocess.run([sys.executable, str(EXAMPLES / script)], cwd=EXAMPLES, capture_output=True, text=True,
                           timeout=600)
