@@ -283,54 +283,19 @@ def qk_norm_rope_kernel(
     pid = tl.program_id(0)
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
-    # Which tile a program computes is decided under constexpr ifs first: a tile that cannot run
-    # (no k, no v) is not compiled at all, so its pointers may be None and torch's mutation
-    # analysis of the kernel (what Inductor clones) does not see stores through them.
+    # A tile that cannot run (no k, no v) sits under a constexpr if and is not compiled at all, so
+    # its pointers may be None and torch's analysis of what the kernel writes (what Inductor
+    # clones) sees no stores through them.
+    n_rope_blocks = q_head_blocks + k_head_blocks
     if HAS_V:
-        n_rope_blocks = q_head_blocks + k_head_blocks
         if pid_h >= n_rope_blocks:
             _copy_tile(v_ptr, vo_ptr, pid_t, pid_h - n_rope_blocks, n_tokens, n_inner, k_heads,
                        v_so, v_si, v_sh, vo_so, vo_si, vo_sh, idx_ptr, idx_stride, cache_len, vo_seq,
                        HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_H)
-        else:
-            _qk_tiles(
-                q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
-                n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
-                q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
-                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
-                HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-                X_CODE, Y_CODE, R_CODE, INTERLEAVED, HAS_K, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, K_POS_AXIS,
-                BLOCK_T, BLOCK_H,
-            )
-    else:
-        _qk_tiles(
-            q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
-            n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
-            q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
-            c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
-            HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, HAS_K, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, K_POS_AXIS,
-            BLOCK_T, BLOCK_H,
-        )
-
-
-@triton.jit
-def _qk_tiles(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_eps, k_eps, pid_t, pid_h,
-    n_tokens, n_inner, q_heads, k_heads, q_head_blocks,
-    q_so, q_si, q_sh, k_so, k_si, k_sh, qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
-    c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
-    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
-    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
-    CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
-    Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    # One helper call per branch (not merged variables): Triton turns int args equal to 1 into
+    # One helper call per tensor (not merged variables): Triton turns int args equal to 1 into
     # constexprs, so q's and k's strides need not have the same type.
     if HAS_K:
-        if pid_h >= q_head_blocks:
+        if (pid_h >= q_head_blocks) & (pid_h < n_rope_blocks):
             _norm_rope_tile(
                 k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
@@ -338,15 +303,7 @@ def _qk_tiles(
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, BLOCK_T, BLOCK_H,
             )
-        else:
-            _norm_rope_tile(
-                q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
-                n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
-                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
-                HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, BLOCK_T, BLOCK_H,
-            )
-    else:
+    if pid_h < q_head_blocks:
         _norm_rope_tile(
             q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
