@@ -25,7 +25,19 @@ settings.register_profile("dev", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # dtype -> unit roundoff (half an ulp at 1.0): tolerances in the tests are multiples of it.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def coarsest_rounding(recipe, x_dtype: torch.dtype, has_weight: bool) -> torch.dtype:
+    """The coarsest dtype a fused call's recipe rounds to (its spacing sets the tolerance)."""
+    dts = [recipe.out_dtype]
+    if recipe.norm == "rms":
+        dts.append(recipe.norm_dtype)
+        if has_weight and recipe.cast_before_weight:
+            dts.append(x_dtype)
+    if recipe.rotary_dim:
+        dts.append(recipe.rope_dtype)
+    return max(dts, key=lambda dt: UNIT_ROUNDOFF[dt])
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from qkfuse.kernels import triton_norm_rope as tk  # noqa: E402
 from qkfuse.kernels.reference import norm_rope_reference  # noqa: E402
 from qkfuse.ops.recipe import Recipe  # noqa: E402
-from tests.conftest import UNIT_ROUNDOFF  # noqa: E402
+from tests.conftest import UNIT_ROUNDOFF, coarsest_rounding  # noqa: E402
 
 _MISSING = object()
 
@@ -223,18 +223,6 @@ def make_inputs(c: Case):
         theta = torch.rand(cos_shape, generator=g) * (2 * math.pi)
         cos, sin = theta.cos().to(c.cos_dtype), theta.sin().to(c.cos_dtype)
     return q, k, qw, kw, cos, sin
-
-
-def coarsest_rounding(recipe: Recipe, x_dtype: torch.dtype, has_weight: bool) -> torch.dtype:
-    """The coarsest dtype the recipe rounds to (its spacing sets the tolerance)."""
-    dts = [recipe.out_dtype]
-    if recipe.norm == "rms":
-        dts.append(recipe.norm_dtype)
-        if has_weight and recipe.cast_before_weight:
-            dts.append(x_dtype)
-    if recipe.rotary_dim:
-        dts.append(recipe.rope_dtype)
-    return max(dts, key=lambda dt: UNIT_ROUNDOFF[dt])
 
 
 def error_units(out: torch.Tensor, ref: torch.Tensor, scale: float, dtype: torch.dtype) -> float:

@@ -35,7 +35,7 @@ from qkfuse import functional
 from qkfuse.kernels.reference import cos_sin_from_cache, norm_rope_reference
 from qkfuse.ops.norm_rope import run_kernel
 from qkfuse.ops.recipe import Recipe
-from tests.conftest import UNIT_ROUNDOFF
+from tests.conftest import UNIT_ROUNDOFF, coarsest_rounding
 
 FN = frozenset({"fn_qk", "fn_single", "fn_cached"})
 OPS = frozenset({"op_qk", "op_single", "op_cached"})
@@ -358,20 +358,6 @@ def expected(a: Call) -> tuple:
     return tuple(outs), recipe
 
 
-ROUNDOFF = {**UNIT_ROUNDOFF, torch.float64: 2.0**-53}
-
-
-def _coarsest(recipe: Recipe, x_dtype, has_weight: bool):
-    dts = [recipe.out_dtype]
-    if recipe.norm == "rms":
-        dts.append(recipe.norm_dtype)
-        if has_weight and recipe.cast_before_weight:
-            dts.append(x_dtype)
-    if recipe.rotary_dim:
-        dts.append(recipe.rope_dtype)
-    return max(dts, key=lambda dt: ROUNDOFF[dt])
-
-
 def assert_matches(out: tuple, ref: tuple, recipe: Recipe, a: Call, exact: bool, interpreted: bool = False):
     """Same shapes, dtypes, strides, NaN/Inf positions; values bit-equal (exact) or within a few units
     of the coarsest rounding (a kernel; Triton's interpreter truncates to bf16, hence more units)."""
@@ -388,14 +374,14 @@ def assert_matches(out: tuple, ref: tuple, recipe: Recipe, a: Call, exact: bool,
         if not finite.any():
             continue
         assert torch.equal(o64[r64.isinf()], r64[r64.isinf()])
-        coarse = _coarsest(recipe, x.dtype, w is not None)
+        coarse = coarsest_rounding(recipe, x.dtype, w is not None)
         if coarse in (torch.float32, torch.float64):
             units = x.shape[-1] + 8  # the sum of squares in another order, doubled by RoPE
         else:
             units = 12 if interpreted and coarse == torch.bfloat16 else 4
         scale = max(r64[finite].abs().max().item(), 1.0)
         err = (o64[finite] - r64[finite]).abs().max().item()
-        assert err <= units * ROUNDOFF[coarse] * scale, (err, units, coarse, scale)
+        assert err <= units * UNIT_ROUNDOFF[coarse] * scale, (err, units, coarse, scale)
 
 
 def check(c: Case, device: str = "cpu", exact: bool = True, interpreted: bool = False) -> None:
