@@ -196,7 +196,7 @@ def _tiny_kwargs(cls, default, depth: int = 0, parts: list | None = None) -> dic
                     and not f.endswith("_config"):
                 kw[f] = list(v[: TINY["num_hidden_layers"]])
                 kinds = list(dict.fromkeys(v)) if all(isinstance(x, str) for x in v) else []
-                if set(kinds) != set(kw[f]) and len(kinds) <= 4:
+                if kinds and set(kinds) != set(kw[f]) and len(kinds) <= 4:
                     # hybrid stacks (e.g. linear attention with a full-attention layer every 4th):
                     # one layer of each kind, so that the tiny model has its attention layers
                     kw[f] = kinds
@@ -270,6 +270,9 @@ def build_transformers(name: str, dtype):
         try:
             config = cfg_cls(**kw)
             torch.manual_seed(0)
+            wanted = getattr(model_cls, "config_class", None)
+            if isinstance(wanted, type) and not isinstance(config, wanted) and hasattr(config, "get_text_config"):
+                config = config.get_text_config()  # a causal-LM head over a composite (multimodal) config
             model = model_cls(config)
             break
         except Exception as e:
@@ -452,28 +455,38 @@ def run_one(kind: str, name: str, dtype_name: str, families: str | None) -> dict
 _HINTS = (
     (r"view_as_complex|torch\.polar", "RoPE as a complex multiply (view_as_complex)"),
     (r"\[\s*\.\.\.\s*,\s*[01]::2\s*\]\s*=|\[:, :, :, [01]::2\]\s*=", "RoPE by slice assignment (out[..., 0::2] = ...)"),
+    (r"\w+\s*\*\s*cos\s*-\s*\w+\s*\*\s*sin", "RoPE as cat(x1*cos - x2*sin, x2*cos + x1*sin) (no rotate_half)"),
     (r"addcmul", "RoPE through addcmul"),
 )
 
 
 def no_site_hint(model) -> str:
-    """Why the compiled graphs have no RoPE candidate, as far as the modeling source tells."""
+    """Why the compiled graphs have no RoPE candidate, as far as the model's own source tells
+    (its modeling package in transformers, its transformer file in diffusers)."""
     import inspect
 
-    files = set()
-    for m in model.modules():
+    def source_file(cls):
         try:
-            f = inspect.getsourcefile(type(m))
+            return inspect.getsourcefile(cls)
         except (TypeError, OSError):
-            continue
-        if f and ("transformers" in f or "diffusers" in f) and "torch/nn" not in f:
-            files.add(f)
+            return None
+
+    if not any(type(m).__name__.endswith(("Attention", "Attn")) for m in model.modules()):
+        return "no attention module in the tiny model (a hybrid stack whose tiny layers are all of another kind?)"
+    own = source_file(type(model))
+    if own is None:
+        return "no x*cos + rotate_half(x)*sin in the graphs"
+    if "diffusers" in own:
+        files = {own}
+    else:
+        files = {f for f in (source_file(type(m)) for m in model.modules())
+                 if f and os.path.dirname(f) == os.path.dirname(own)}
     src = "".join(pathlib.Path(f).read_text(errors="replace") for f in sorted(files))
     found = [hint for pattern, hint in _HINTS if re.search(pattern, src)]
     if found:
-        return "no x*cos + rotate_half(x)*sin in the graphs; the source has " + " and ".join(found)
+        return "no x*cos + rotate_half(x)*sin in the graphs; the model's source has " + " and ".join(found)
     if not re.search(r"rotary|rope", src, re.I):
-        return "no RoPE in the modules this model runs"
+        return "no RoPE in the model's source"
     return "no x*cos + rotate_half(x)*sin in the graphs"
 
 
