@@ -653,7 +653,8 @@ def render_markdown(rows: list[dict], meta: dict, note: str = "") -> str:
            f"date {v.get('date')}",
            f"- command: `{meta.get('command', '')}`",
            f"- dtype {meta.get('dtype')}, batch {BATCH}, sequence {SEQ_LEN} (transformers), "
-           f"families {meta.get('families') or 'default (norm_rope)'}, timeout {meta.get('timeout')} s per architecture",
+           f"families {meta.get('families') or 'default (norm_rope)'}, "
+           f"timeout {meta.get('timeout')} s per architecture",
            "- status: fused (every candidate site fused) / partly fused / refused (candidates found, none fused) / "
            "no sites (no RoPE candidate in the compiled graphs) / build error (no tiny config, model or input; "
            "the error is listed) / compile error / timeout. `max rel err` = max |compiled - eager| / max |eager| of "
@@ -734,7 +735,8 @@ def run(args: argparse.Namespace) -> int:
                 and not (args.retry_failed and r["status"] in ("build error", "compile error", "timeout"))}
     todo = [t for t in targets if (t.kind, t.name) not in rows]
     meta = dict(versions=versions(), dtype=args.dtype, families=args.families, timeout=args.timeout,
-                command="python -m qkfuse scan " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["scan"] else sys.argv[1:]),
+                command="python -m qkfuse scan " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["scan"] else
+                                                            sys.argv[1:]),
                 tol=_tol(args.dtype))
     try:
         from rich.console import Console
@@ -822,6 +824,12 @@ def _const(value, dtype_name="float32"):
     return lambda g: torch.tensor(value, dtype=getattr(torch, dtype_name))
 
 
+def _full(value, *shape):
+    import torch
+
+    return lambda g: torch.full(shape, value)
+
+
 def _ones_long(*shape):
     import torch
 
@@ -829,7 +837,7 @@ def _ones_long(*shape):
 
 
 _FLUXLIKE_IN = dict(hidden_states=_randn(1, 16, 16), encoder_hidden_states=_randn(1, 8, 32),
-                    timestep=_const([0.5]), img_ids=_randn(16, 3), txt_ids=lambda g: __import__("torch").zeros(8, 3))
+                    timestep=_const([0.5]), img_ids=_randn(16, 3), txt_ids=_full(0.0, 8, 3))
 _WANLIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                 text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
@@ -889,8 +897,8 @@ DIFFUSERS = {
                              crossattn_proj_in_channels=16),
                    inputs=dict(hidden_states=_randn(1, 4, 1, 16, 16), timestep=_const([500.0]),
                                encoder_hidden_states=_randn(1, 12, 16), fps=30,
-                               condition_mask=lambda g: __import__("torch").ones(1, 1, 1, 16, 16),
-                               padding_mask=lambda g: __import__("torch").zeros(1, 1, 16, 16))),
+                               condition_mask=_full(1.0, 1, 1, 1, 16, 16),
+                               padding_mask=_full(0.0, 1, 1, 16, 16))),
     "mochi": dict(cls="MochiTransformer3DModel", file="transformer_mochi.py",
                   init=dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                             pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
@@ -904,7 +912,7 @@ DIFFUSERS = {
                               cap_feat_dim=16, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32)),
                     inputs=dict(hidden_states=_randn(1, 4, 16, 16), timestep=_const([0.5]),
                                 encoder_hidden_states=_randn(1, 8, 16),
-                                encoder_attention_mask=lambda g: __import__("torch").ones(1, 8, dtype=__import__("torch").bool)),
+                                encoder_attention_mask=_full(True, 1, 8)),
                     exact=("encoder_attention_mask",)),
     "cogview4": dict(cls="CogView4Transformer2DModel", file="transformer_cogview4.py",
                      init=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
