@@ -65,7 +65,10 @@ def _remove_assert_ops(graph: torch.fx.Graph) -> None:
     """Erase ``aten._assert_tensor_metadata`` nodes, as Inductor itself does right after this hook
     (``remove_assert_ops``; the op lowers to nothing anyway). torch.export emits one after every
     ``.to(dtype)``; left in, it is a user of the chain's intermediates and every site is refused."""
-    for node in graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default):
+    op = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+    if op is None:
+        return
+    for node in graph.find_nodes(op="call_function", target=op.default):
         graph.erase_node(node)
 
 
