@@ -197,7 +197,16 @@ def _specialisable_symbols(graph: torch.fx.Graph) -> frozenset:
     """The sizes the pass may specialise: those found only in the last dims of the graph's inputs
     (canon.innermost_symbols), less any the user marked dynamic (``torch._dynamo.mark_dynamic``:
     specialising one fails the compile). Read from the Dynamo frame being compiled; outside one
-    (export, a direct compile_fx) nothing is specialised."""
+    (export, a direct compile_fx), or where Dynamo's internals differ, nothing is specialised
+    (such sites are refused with a hint instead)."""
+    try:
+        return _unmarked_innermost_symbols(graph)
+    except Exception:  # Dynamo internals: never a reason to break a compile
+        log.debug("qkfuse: cannot tell which sizes are marked dynamic; none is specialised", exc_info=True)
+        return frozenset()
+
+
+def _unmarked_innermost_symbols(graph: torch.fx.Graph) -> frozenset:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     innermost = canon.innermost_symbols(graph)
