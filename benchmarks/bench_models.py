@@ -656,7 +656,7 @@ def case_decode_graph(bench, name, model):
             graphs_before = unique_graphs()
             graphs = {b: capture(bench, lambda b=b: step(compiled[b]), reset) for b in BACKENDS}
             raw = bench.alternate({b: lambda b=b: replay_us(bench, graphs[b], reset, replays) for b in BACKENDS})
-            del graphs
+            graphs.clear()  # the captured graphs hold their memory pools
             profiles = {}
             for b in BACKENDS:
                 reset()
