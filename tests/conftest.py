@@ -18,9 +18,12 @@ from hypothesis import settings
 # a bug must fail its test, not pass as a refused site. Subprocesses of tests inherit it.
 os.environ.setdefault("QKFUSE_STRICT", "1")
 
-_COMMON = dict(deadline=None, print_blob=True)
-settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON)
-settings.register_profile("dev", max_examples=400, **_COMMON)
+# Every field that differs between the two is spelled out, on Hypothesis' own defaults as parent:
+# with CI=true in the environment Hypothesis makes its built-in "ci" profile (derandomized, too_slow
+# suppressed) the default, and a profile registered without a parent would inherit from it.
+_COMMON = dict(parent=settings.get_profile("default"), deadline=None, print_blob=True, suppress_health_check=())
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=400, derandomize=False, **_COMMON)
 # --hypothesis-profile (Hypothesis' pytest plugin, applied after this file loads) overrides this.
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

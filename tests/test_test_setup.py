@@ -38,7 +38,7 @@ def test_probe(i, x):
 
 def probe(tmp_path, name, *args, **env):
     out = tmp_path / f"{name}.jsonl"
-    base = {k: v for k, v in os.environ.items() if k not in ("HYPOTHESIS_PROFILE", "QKFUSE_STRICT")}
+    base = {k: v for k, v in os.environ.items() if k not in ("HYPOTHESIS_PROFILE", "QKFUSE_STRICT", "CI")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            f"{__file__}::test_probe", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**base, PROBE_OUT: str(out), **env})
@@ -51,9 +51,12 @@ def probe(tmp_path, name, *args, **env):
 def test_profile_selection(tmp_path):
     ci = settings.get_profile("ci")
     dev = settings.get_profile("dev")
-    first, second = probe(tmp_path, "ci1"), probe(tmp_path, "ci2")
+    # CI=true makes Hypothesis load its own built-in "ci" profile first: ours must not inherit from it.
+    first, second = probe(tmp_path, "ci1"), probe(tmp_path, "ci2", CI="true")
     assert [r["examples"] for r in first] == [r["examples"] for r in second]  # derandomized
-    assert {(r["max_examples"], r["derandomize"], r["strict"]) for r in first} == {(ci.max_examples, True, "1")}
-    for name, args, env in (("cli", ["--hypothesis-profile=dev"], {}), ("env", [], {"HYPOTHESIS_PROFILE": "dev"})):
+    for rows in (first, second):
+        assert {(r["max_examples"], r["derandomize"], r["strict"]) for r in rows} == {(ci.max_examples, True, "1")}
+    for name, args, env in (("cli", ["--hypothesis-profile=dev"], {}), ("env", [], {"HYPOTHESIS_PROFILE": "dev"}),
+                            ("cli-in-ci", ["--hypothesis-profile=dev"], {"CI": "true"})):
         rows = probe(tmp_path, name, *args, **env)
         assert {(r["max_examples"], r["derandomize"]) for r in rows} == {(dev.max_examples, False)}, name
