@@ -102,6 +102,8 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
         return f"flashinfer kernels take fp16/bf16, not {q.dtype}"
     if recipe.out_dtype != q.dtype or recipe.norm_dtype != q.dtype:
         return "flashinfer returns the input dtype"
+    if recipe.norm_heads_dim:
+        return "flashinfer's RMSNorm is per head, not across heads"
     if recipe.norm == "rms" and recipe.weight_offset not in (0.0, 1.0):
         return f"weight offset {recipe.weight_offset}"
     if recipe.rotary_dim and (cos is None or cos.shape[-1] != recipe.rotary_dim):

@@ -22,6 +22,7 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
+ACROSS_UNMEASURED = "norm across heads: the Triton kernel is not yet measured against Inductor on a GPU"
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,6 +74,11 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight)
     if reason is not None:
         return None, f"triton kernel: {reason}"
+    if recipe.norm_heads_dim and preference == "auto":
+        # Fuse only where it is measured to win: this grid (a program per token holding all heads)
+        # has no GPU benchmark against Inductor yet (benchmarks/bench_qk_norm_rope.py --across).
+        return None, (f"{ACROSS_UNMEASURED}; site left to Inductor "
+                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 

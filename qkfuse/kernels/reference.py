@@ -34,13 +34,16 @@ def norm_rope_reference(
     y = x
     if recipe.norm == "rms":
         xf = x.to(torch.float32)
-        ms = xf.pow(2).mean(-1, keepdim=True)
+        hd = recipe.norm_heads_dim
+        ms = xf.pow(2).mean((hd, -1) if hd else -1, keepdim=True)
         eps_v = eps.to(torch.float32) if isinstance(eps, torch.Tensor) else eps
         n = xf * torch.rsqrt(ms + eps_v)
         if weight is None:
             y = n
         else:
             w = weight.to(torch.float32)
+            if hd:  # [heads * head_dim], head-major -> broadcast over x's dims (hd, -1)
+                w = w.view(x.shape[hd], *[1] * (-hd - 2), x.shape[-1])
             if recipe.weight_offset:
                 w = w + recipe.weight_offset
             if recipe.cast_before_weight:

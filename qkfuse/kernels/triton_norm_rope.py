@@ -118,7 +118,7 @@ def _norm_rope_tile(
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
-    POS_AXIS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -131,8 +131,12 @@ def _norm_rope_tile(
         off, ok = _cache_row(pos, o_seq, cache_len)
         o_row += off
         store_mask = row_mask & ok
+    h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    # across heads (ACROSS): the tile holds every head of its tokens; head h's weight is the
+    # [h * head_dim, (h + 1) * head_dim) slice of a [heads * head_dim] weight
+    w_row = (h * HEAD_DIM)[:, None]
+    w_ok = (h < n_heads)[:, None]
     if COS_PER_HEAD:
-        h = (hb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         c_row = (t_outer * c_so + t_inner * c_si)[:, None, None] + (h * c_sh)[None, :, None]
         s_row = (t_outer * s_so + t_inner * s_si)[:, None, None] + (h * s_sh)[None, :, None]
         c_mask = row_mask
@@ -171,7 +175,10 @@ def _norm_rope_tile(
                              eviction_policy="evict_last").to(tl.float32)
                 ss += tl.sum(pc * pc, axis=2)
         # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
-        r = tl.math.rsqrt(ss / HEAD_DIM + tl.cast(eps, tl.float32))[:, :, None]
+        if ACROSS:  # one mean over all heads of a token (masked heads added zeros)
+            r = tl.math.rsqrt(tl.sum(ss, axis=1) / (n_heads * HEAD_DIM) + tl.cast(eps, tl.float32))[:, None, None]
+        else:
+            r = tl.math.rsqrt(ss / HEAD_DIM + tl.cast(eps, tl.float32))[:, :, None]
 
     # ---- rotated part: norm, RoPE, store --------------------------------------------------
     out_ty = o_ptr.dtype.element_ty
@@ -179,21 +186,47 @@ def _norm_rope_tile(
         if NORM:
             if INTERLEAVED:
                 wr = tl.arange(0, 2 * HALF_PAD)
-                if HAS_WEIGHT:
-                    w = tl.load(w_ptr + wr, mask=wr < ROT_DIM, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                if ACROSS:
+                    if HAS_WEIGHT:
+                        w = tl.load(w_ptr + w_row + wr[None, :], mask=w_ok & (wr < ROT_DIM)[None, :],
+                                    other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                    else:
+                        w = tl.zeros([BLOCK_H, 2 * HALF_PAD], dtype=tl.float32)
+                    wa, wb = tl.split(tl.reshape(w, [BLOCK_H, HALF_PAD, 2]))
+                    wa = wa[None, :, :]
+                    wb = wb[None, :, :]
                 else:
-                    w = tl.zeros([2 * HALF_PAD], dtype=tl.float32)
-                wa, wb = tl.split(tl.reshape(w, [HALF_PAD, 2]))
+                    if HAS_WEIGHT:
+                        w = tl.load(w_ptr + wr, mask=wr < ROT_DIM, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                    else:
+                        w = tl.zeros([2 * HALF_PAD], dtype=tl.float32)
+                    wa, wb = tl.split(tl.reshape(w, [HALF_PAD, 2]))
+                    wa = wa[None, None, :]
+                    wb = wb[None, None, :]
             else:
                 wh = tl.arange(0, HALF_PAD)
-                if HAS_WEIGHT:
-                    wa = tl.load(w_ptr + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                    wb = tl.load(w_ptr + HALF + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                if ACROSS:
+                    if HAS_WEIGHT:
+                        wm = w_ok & (wh < HALF)[None, :]
+                        wa = tl.load(w_ptr + w_row + wh[None, :], mask=wm, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                        wb = tl.load(w_ptr + w_row + HALF + wh[None, :], mask=wm,
+                                     other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                    else:
+                        wa = tl.zeros([BLOCK_H, HALF_PAD], dtype=tl.float32)
+                        wb = wa
+                    wa = wa[None, :, :]
+                    wb = wb[None, :, :]
                 else:
-                    wa = tl.zeros([HALF_PAD], dtype=tl.float32)
-                    wb = wa
-            a = _scale(a, r, wa[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-            b = _scale(b, r, wb[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+                    if HAS_WEIGHT:
+                        wa = tl.load(w_ptr + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                        wb = tl.load(w_ptr + HALF + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                    else:
+                        wa = tl.zeros([HALF_PAD], dtype=tl.float32)
+                        wb = wa
+                    wa = wa[None, None, :]
+                    wb = wb[None, None, :]
+            a = _scale(a, r, wa, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+            b = _scale(b, r, wb, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
         if ROPE_CACHE:
             # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
             # their sin), sin_ptr the int positions of the tokens (token strides c_so/c_si), s_so the
@@ -247,11 +280,20 @@ def _norm_rope_tile(
                          eviction_policy="evict_first").to(tl.float32)
         if NORM:
             wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
-            if HAS_WEIGHT:
-                wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+            if ACROSS:
+                if HAS_WEIGHT:
+                    wt = tl.load(w_ptr + w_row + ROT_DIM + wt_idx[None, :], mask=w_ok & (wt_idx < TAIL)[None, :],
+                                 other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                else:
+                    wt = tl.zeros([BLOCK_H, TAIL_CHUNK], dtype=tl.float32)
+                wt = wt[None, :, :]
             else:
-                wt = tl.zeros([TAIL_CHUNK], dtype=tl.float32)
-            pc = _scale(pc, r, wt[None, None, :], CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+                if HAS_WEIGHT:
+                    wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
+                else:
+                    wt = tl.zeros([TAIL_CHUNK], dtype=tl.float32)
+                wt = wt[None, None, :]
+            pc = _scale(pc, r, wt, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
         tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty),
                  mask=store_mask & (dc + i * TAIL_CHUNK < TAIL))
 
@@ -272,14 +314,17 @@ def qk_norm_rope_kernel(
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, V_POS_AXIS: tl.constexpr, HAS_V: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    D_PAD: tl.constexpr, ACROSS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
 
     The last of q/k may be written into a KV cache (its *_POS_AXIS >= 0: rows land at the positions
-    in idx) and v, with the same heads, copied into its cache at the same positions."""
+    in idx) and v, with the same heads, copied into its cache at the same positions.
+
+    Head blocks are BLOCK_H heads of q, BLOCK_HK of k, BLOCK_HV of v (all BLOCK_H for per-head
+    norms; across heads (ACROSS) one block holds all heads of its tensor)."""
     pid = tl.program_id(0)
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
@@ -291,7 +336,7 @@ def qk_norm_rope_kernel(
         if pid_h >= n_rope_blocks:
             _copy_tile(v_ptr, vo_ptr, pid_t, pid_h - n_rope_blocks, n_tokens, n_inner, k_heads,
                        v_so, v_si, v_sh, vo_so, vo_si, vo_sh, idx_ptr, idx_stride, cache_len, vo_seq,
-                       HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_H)
+                       HEAD_DIM, D_PAD, V_POS_AXIS, BLOCK_T, BLOCK_HV)
     # One helper call per tensor (not merged variables): Triton turns int args equal to 1 into
     # constexprs, so q's and k's strides need not have the same type.
     if HAS_K:
@@ -301,7 +346,7 @@ def qk_norm_rope_kernel(
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, BLOCK_T, BLOCK_H,
+                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, BLOCK_T, BLOCK_HK,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
@@ -309,7 +354,7 @@ def qk_norm_rope_kernel(
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, BLOCK_T, BLOCK_H,
         )
 
 
@@ -325,6 +370,11 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from ..ops.recipe import DTYPE_CODES, Recipe, _hint, new_output  # noqa: E402
+
+
+# A norm across heads keeps all heads of a token in one program: rows up to this many elements
+# (padded to powers of two; 64 heads of 128 fit).
+ACROSS_MAX_ROW = 8192
 
 
 class UnsupportedLayout(ValueError):
@@ -387,6 +437,15 @@ def choose_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int, use_
     return Config(block_t, block_h, 4)
 
 
+def across_config(n_tokens: int, q_heads: int, k_heads: int, head_dim: int, config: Config | None) -> Config:
+    """Tokens per program and warps for a norm across heads (all heads of a token in one program);
+    a given config keeps its block_t and num_warps."""
+    if config is not None:
+        return config
+    row = _next_pow2(max(q_heads, k_heads)) * _next_pow2(head_dim)
+    return Config(max(1, min(16, 2048 // row)), 0, 4 if row <= 2048 else 8)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Axes:
     outer: int | None
@@ -394,13 +453,20 @@ class _Axes:
     head: int | None
 
 
-def _plan_axes(q_shape, q_stride, k_shape, cos_shape, token_dim: int | None = None) -> _Axes:
+def _plan_axes(q_shape, q_stride, k_shape, cos_shape, token_dim: int | None = None,
+               heads_dim: int = 0) -> _Axes:
     """Which leading dims of q are (outer token, inner token, head); others must have size 1.
-    `token_dim` (a cache's sequence dim) must not be the head axis."""
+    `token_dim` (a cache's sequence dim) must not be the head axis; `heads_dim` (< 0: a norm
+    across heads, Recipe.norm_heads_dim) is the head axis."""
     lead = len(q_shape) - 1
     dims = [d for d in range(lead) if _hint(q_shape[d]) != 1 or (k_shape is not None and _hint(k_shape[d]) != 1)]
     head = None
-    if k_shape is not None:
+    if heads_dim:
+        head = len(q_shape) + heads_dim
+        dims = [d for d in dims if d != head]
+        if k_shape is not None and any(_hint(q_shape[d]) != _hint(k_shape[d]) for d in dims):
+            raise UnsupportedLayout(f"q {tuple(q_shape)} and k {tuple(k_shape)} differ in a dim other than the heads")
+    elif k_shape is not None:
         diff = [d for d in dims if _hint(q_shape[d]) != _hint(k_shape[d])]
         if len(diff) > 1:
             raise UnsupportedLayout(f"q {tuple(q_shape)} and k {tuple(k_shape)} differ in more than one dim")
@@ -484,9 +550,15 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
         if dt not in DTYPE_CODES:
             return f"dtype {dt} is not float32/float16/bfloat16"
     try:
-        _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape)
+        _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape,
+                   heads_dim=recipe.norm_heads_dim)
     except UnsupportedLayout as e:
         return str(e)
+    if recipe.norm_heads_dim:
+        for t, name in ((q, "q"), (k, "k")):
+            if t is not None and _next_pow2(_hint(t.shape[recipe.norm_heads_dim])) * _next_pow2(t.shape[-1]) > ACROSS_MAX_ROW:
+                return (f"{name}: norm across {t.shape[recipe.norm_heads_dim]} heads of {t.shape[-1]}: a row wider "
+                        f"than {ACROSS_MAX_ROW} elements (one program holds a token's heads)")
     return None
 
 
@@ -599,17 +671,23 @@ def launch(
     k_out = None if k is None else (cache.cache if cached_is_k else output(k, k_strides))
     table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
     axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape,
-                      None if cache is None else cache.dim)
+                      None if cache is None else cache.dim, recipe.norm_heads_dim)
     lead = q.shape[:-1]
     n_inner = _size(lead, axes.inner)
     n_tokens = _size(lead, axes.outer) * n_inner
     q_heads = _size(lead, axes.head)
     k_heads = 0 if k is None else _size(k.shape[:-1], axes.head)
     head_dim = q.shape[-1]
-    if config is None:
-        config = choose_config(_hint(n_tokens), _hint(q_heads), _hint(k_heads), head_dim)
-    q_head_blocks = triton.cdiv(q_heads, config.block_h)
-    k_head_blocks = 0 if k is None else triton.cdiv(k_heads, config.block_h)
+    across = bool(recipe.norm_heads_dim)
+    if across:  # one program per token block holds all heads of q (of k): the tile's block_h is ignored
+        config = across_config(_hint(n_tokens), _hint(q_heads), _hint(k_heads), head_dim, config)
+        block_h, block_hk = _next_pow2(_hint(q_heads)), _next_pow2(_hint(k_heads))
+    else:
+        if config is None:
+            config = choose_config(_hint(n_tokens), _hint(q_heads), _hint(k_heads), head_dim)
+        block_h = block_hk = config.block_h
+    q_head_blocks = triton.cdiv(q_heads, block_h)
+    k_head_blocks = 0 if k is None else triton.cdiv(k_heads, block_hk)
     rd = recipe.rotary_dim
     if positions is None:
         cos_str, sin_str = _strides3(cos, lead, axes), _strides3(sin, lead, axes)
@@ -625,6 +703,7 @@ def launch(
     ko_str = (_strides3(k_out, k.shape[:-1], axes) if not cached_is_k else None) if k is not None else (0, 0, 0)
     # pointers of tiles that do not run are None (see the kernel)
     pos_axis, cache_args, v_args, v_head_blocks = -1, (None, 0, 0, 0, 0), (None, None, 0, 0, 0, 0, 0, 0), 0
+    block_hv = block_hk if cached_is_k else block_h  # v has the written tensor's heads
     if cache is not None:
         pos_axis = _pos_axis(axes, cache.dim)
         if pos_axis is None:
@@ -681,8 +760,11 @@ def launch(
         V_POS_AXIS=pos_axis,
         HAS_V=cache is not None and cache.v is not None,
         D_PAD=_next_pow2(head_dim),
+        ACROSS=across,
         BLOCK_T=config.block_t,
-        BLOCK_H=config.block_h,
+        BLOCK_H=block_h,
+        BLOCK_HK=block_hk,
+        BLOCK_HV=block_hv,
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

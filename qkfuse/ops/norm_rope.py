@@ -38,9 +38,11 @@ def norm_rope(
     out_dtype: torch.dtype,
     rotary_dim: int,
     interleaved: bool,
+    norm_heads_dim: int = 0,
 ) -> Tensor:
     """RMSNorm (optional) then RoPE (optional) of one tensor [..., head_dim]."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
+                    norm_heads_dim)
     check_single(x, weight, cos, sin, eps_tensor, recipe)
     return norm_rope_reference(x, weight, cos, sin, _eps(eps, eps_tensor), recipe)
 
@@ -65,9 +67,11 @@ def qk_norm_rope(
     out_dtype: torch.dtype,
     rotary_dim: int,
     interleaved: bool,
+    norm_heads_dim: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The same for q and k with one shared cos/sin: one kernel launch on CUDA."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
+                    norm_heads_dim)
     check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
     return (
         norm_rope_reference(q, q_weight, cos, sin, _eps(q_eps, q_eps_tensor), recipe),
@@ -93,12 +97,14 @@ def qk_norm_rope_cached(
     out_dtype: torch.dtype,
     rotary_dim: int,
     interleaved: bool,
+    norm_heads_dim: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """qk_norm_rope with vLLM-style RoPE inputs: ``cos_sin_cache`` [max_position, rotary_dim] (cos of
     the rotary_dim/2 frequencies, then their sin) and integer ``positions`` broadcastable to
     q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D]), each in
     [0, max_position) (checked: a ValueError otherwise)."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
+                    norm_heads_dim)
     check_cached(q, k, q_weight, k_weight, cos_sin_cache, positions, recipe)
     check_positions_in_range(positions, cos_sin_cache.shape[0])
     cos, sin = cos_sin_from_cache(cos_sin_cache, positions, recipe.interleaved)
@@ -169,20 +175,17 @@ def _qk_norm_rope_cached_fake(q, k, q_weight, k_weight, cos_sin_cache, positions
 
 
 @norm_rope.register_fake
-def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, norm, weight_offset, cast_before_weight,
-                    norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved):
-    check_single(x, weight, cos, sin, eps_tensor, Recipe(norm, weight_offset, cast_before_weight, norm_dtype,
-                                                         rope_dtype, out_dtype, rotary_dim, interleaved))
-    return new_output(x, out_dtype)
+def _norm_rope_fake(x, weight, cos, sin, eps, eps_tensor, *recipe_args):
+    recipe = Recipe(*recipe_args)
+    check_single(x, weight, cos, sin, eps_tensor, recipe)
+    return new_output(x, recipe.out_dtype)
 
 
 @qk_norm_rope.register_fake
-def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor,
-                       norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
-                       rotary_dim, interleaved):
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved)
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, q_eps_tensor, k_eps_tensor, *recipe_args):
+    recipe = Recipe(*recipe_args)
     check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
-    return new_output(q, out_dtype), new_output(k, out_dtype)
+    return new_output(q, recipe.out_dtype), new_output(k, recipe.out_dtype)
 
 
 def _eps_value(value: float, tensor: Tensor | None) -> float:

@@ -6,6 +6,9 @@ graph's numerics instead of "something close":
 
     x            input, dtype X (any strides, last dim contiguous for the GPU kernels)
     n  = float(x) * rsqrt(mean(float(x)^2, -1) + eps)            # float32
+                 (norm_heads_dim = h < 0: the mean is over x's dims (h, -1), the
+                 heads and head_dim, as a norm across heads on the flat projection;
+                 the weight is then [heads * head_dim], head-major)
     if weight:   w' = float(w) + weight_offset                   # float32 ((1+w) for Gemma)
                  n  = round(n, X) if cast_before_weight           # Llama/Qwen3: cast, then multiply
                  y  = round(n * w', norm_dtype)
@@ -41,6 +44,9 @@ class Recipe:
     out_dtype: torch.dtype = torch.float32
     rotary_dim: int = 0  # 0: no RoPE
     interleaved: bool = False
+    # 0: the norm is per head (over head_dim). h < 0: across heads, over dims (h, -1) of the op's
+    # input, whose dim h holds the heads (OLMo2's q_norm on [B, S, H*D] before the head view).
+    norm_heads_dim: int = 0
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -53,6 +59,7 @@ class Recipe:
             self.out_dtype,
             int(self.rotary_dim),
             bool(self.interleaved),
+            int(self.norm_heads_dim),
         )
 
     @classmethod
@@ -63,6 +70,7 @@ class Recipe:
         parts = []
         if self.norm == "rms":
             kind = "rms(1+w)" if self.weight_offset else "rms"
+            kind += " across heads" if self.norm_heads_dim else ""
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
         if self.rotary_dim:
             parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]")
@@ -89,6 +97,13 @@ def check_recipe(recipe: Recipe) -> None:
     # real impls get an int)
     if not isinstance(recipe.rotary_dim, (int, torch.SymInt)) or isinstance(recipe.rotary_dim, bool):
         raise TypeError(f"qkfuse: rotary_dim must be an int, got {type(recipe.rotary_dim).__name__}")
+    if not isinstance(recipe.norm_heads_dim, int) or isinstance(recipe.norm_heads_dim, bool):
+        raise TypeError(f"qkfuse: norm_heads_dim must be an int, got {type(recipe.norm_heads_dim).__name__}")
+    if recipe.norm_heads_dim > 0:
+        raise ValueError(f"qkfuse: norm_heads_dim must be 0 (per-head norm) or a negative dim, "
+                         f"got {recipe.norm_heads_dim}")
+    if recipe.norm_heads_dim and recipe.norm != "rms":
+        raise ValueError("qkfuse: norm_heads_dim is set but norm='none'")
 
 
 def check_tensor(t, name: str, device, dtypes=FLOAT_DTYPES) -> None:
@@ -136,14 +151,16 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
     head_dim = x.shape[-1]
     if head_dim == 0:
         raise ValueError(f"qkfuse: {name} has head_dim 0")
+    hd = recipe.norm_heads_dim
+    if hd and not -x.dim() <= hd <= -2:
+        raise ValueError(f"qkfuse: norm_heads_dim={hd} is not a leading dim of {name} {tuple(x.shape)}")
     if weight is not None:
         if recipe.norm == "none":
             raise ValueError("qkfuse: a weight was given but norm='none'")
         check_tensor(weight, f"{name} weight", x.device)
-        if weight.dim() != 1 or weight.shape[0] != head_dim:
-            raise ValueError(
-                f"qkfuse: {name} weight must have shape [{head_dim}] (per-head norm), got {tuple(weight.shape)}"
-            )
+        size, what = (x.shape[hd] * head_dim, "heads * head_dim (norm across heads)") if hd else (head_dim, "per-head norm")
+        if weight.dim() != 1 or weight.shape[0] != size:
+            raise ValueError(f"qkfuse: {name} weight must have shape [{size}] ({what}), got {tuple(weight.shape)}")
     rd = recipe.rotary_dim
     if rd < 0 or rd > head_dim or rd % 2:
         raise ValueError(f"qkfuse: rotary_dim must be even and in [0, {head_dim}], got {rd}")

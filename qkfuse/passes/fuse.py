@@ -262,7 +262,7 @@ def _groups_to_try(group, options: Options):
 
 def _choose(group, options: Options):
     q, k = group[0], (group[1] if len(group) > 1 else None)
-    vals = [tensor_val(s.x).permute(s.perm) for s in group]
+    vals = [s.op_input(tensor_val(s.x)) for s in group]
     return policy.choose(
         options.kernels, vals[0], vals[1] if k is not None else None, tensor_val(q.cos), q.recipe,
         any(isinstance(s.eps, torch.fx.Node) for s in group), tensor_val(q.sin), tensor_val(q.weight),
@@ -274,7 +274,7 @@ def _cache_write(site: Site, order: dict, taken: set, options: Options):
     cw, note = kv_cache.match_cache_write(site.anchor, order, taken)
     if cw is None:
         return None, note
-    rotated = tensor_val(site.x).permute(site.perm)
+    rotated = site.op_input(tensor_val(site.x))
     kernel = policy.likely_kernel(options.kernels, rotated)
 
     def why(v):

@@ -72,8 +72,8 @@ def launcher(kernel: str, group: tuple[Site, ...]):
     k_eps = _eps_parts(k.eps)[0] if k is not None else 0.0
 
     def inputs(t):
-        qx = t["q_x"].permute(q.perm)
-        kx = None if k is None else t["k_x"].permute(k.perm)
+        qx = q.op_input(t["q_x"])
+        kx = None if k is None else k.op_input(t["k_x"])
         v = None if cw is None or cw.v is None else t["v"].permute(cw.v.perm)
         return qx, kx, v
 

@@ -57,8 +57,8 @@ class Family(Protocol):
 class Site:
     family: str
     anchor: Node
-    x: Node  # input of the fused op before `perm`
-    perm: list[int]  # x.permute(perm) is the op input (RoPE layout)
+    x: Node  # input of the fused op before `split` and `perm`
+    perm: list[int]  # x[.unflatten(-1, split)].permute(perm) is the op input (RoPE layout)
     weight: Node | None
     eps: float | Node
     cos: Node | None
@@ -67,6 +67,14 @@ class Site:
     interior: list[Node]
     leaves: list[Node]
     cache: CacheWrite | None = None  # the KV-cache write this (k) site absorbs
+    # (heads, head_dim): x's last dim holds all heads (a norm across heads, before the head view)
+    split: tuple[int, int] | None = None
+
+    def op_input(self, x):
+        """The fused op's input from x (a tensor: a traced one or x's meta value)."""
+        if self.split is not None:
+            x = x.unflatten(-1, self.split)
+        return x.permute(self.perm)
 
     @property
     def shape(self):

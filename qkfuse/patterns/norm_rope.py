@@ -1,7 +1,9 @@
 """Families anchored on a RoPE output: ``norm_rope`` (per-head RMSNorm, then RoPE) and ``rope``.
 
 ``norm_rope``: the RoPE (rope.py), up through views that keep rows intact (transpose, same-shape
-view), to the RMSNorm (rms_norm.py). ``rope`` (off by default): the same RoPE with no norm in
+view), to the RMSNorm (rms_norm.py): per head, or across heads when a head view
+(``view(..., H, D)``) of the norm output comes first (OLMo2/3, OLMoE, MiniMax-M2: the recipe's
+``norm_heads_dim``). ``rope`` (off by default): the same RoPE with no norm in
 front; a RoPE that a norm feeds belongs to ``norm_rope`` (fusing the RoPE alone would cut the
 norm+RoPE kernel Inductor generates in two).
 
@@ -53,10 +55,33 @@ def _rotated_part_of_a_norm(y: Node) -> str | None:
             "the leading rotary_dim dims (the kernels would need a rotary offset)")
 
 
+def _across_heads(r: rope.RopeMatch, rows: canon.RowViews) -> Site | None:
+    """The site when the RoPE's rows are a head view of one RMSNorm over all heads (OLMo2's q_norm
+    on the flat projection, then ``view(B, S, H, D)``), else None."""
+    split = canon.last_dim_split_source(rows.src)
+    if split is None:
+        return None
+    flat, heads, head_dim = split
+    try:
+        norm = rms_norm.match_rms_norm(flat)
+    except Refused:
+        return None
+    require_static_head_dim(norm.x)
+    n = len(rows.perm)  # the heads are dim n - 2 of the head view; perm moves them
+    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=rows.perm.index(n - 2) - n)
+    interior = [*r.interior, *rows.nodes, rows.src, *norm.interior]
+    check_interior(interior, r.anchor)
+    return Site(FAMILY, r.anchor, norm.x, rows.perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
+                norm.leaves, split=(heads, head_dim))
+
+
 def match_site(add: Node) -> Site:
     """Read one RoPE output as a norm_rope site; raises Refused."""
     r = rope.match_rope(add)
     rows = _rows_of(r.src)
+    across = _across_heads(r, rows)
+    if across is not None:
+        return across
     try:
         norm = rms_norm.match_rms_norm(rows.src)
     except Refused as e:
@@ -87,8 +112,9 @@ class RopeOnly(NormRope):
         r = rope.match_rope(candidate)
         rows = _rows_of(r.src)
         y = rows.src
+        split = canon.last_dim_split_source(y)
         try:
-            rms_norm.match_rms_norm(y)
+            rms_norm.match_rms_norm(y if split is None else split[0])  # per head, or across heads
         except Refused:
             pass
         else:

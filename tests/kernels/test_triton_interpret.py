@@ -149,6 +149,10 @@ class Case:
     scale: float
     config: tk.Config | None
     seed: int
+    across: bool = False  # the norm spans all heads (recipe.norm_heads_dim), weights [heads * head_dim]
+
+
+HEADS_DIM = {"bshd_transposed": -3, "fused_qkv": -2, "bhsd": -3}  # where make_inputs puts the heads
 
 
 @st.composite
@@ -164,6 +168,8 @@ def cases(draw) -> Case:
     cos_dtype = draw(st.sampled_from((dtype, torch.float32)))
     rope_dtype = torch.promote_types(norm_dtype, cos_dtype) if rd else norm_dtype
     out_dtype = draw(st.sampled_from((rope_dtype, dtype)))
+    layout = draw(st.sampled_from(LAYOUTS))
+    across = norm == "rms" and draw(st.sampled_from((False, False, True)))
     recipe = Recipe(
         norm=norm,
         weight_offset=draw(st.sampled_from((0.0, 1.0))) if has_weight else 0.0,
@@ -173,6 +179,7 @@ def cases(draw) -> Case:
         out_dtype=out_dtype,
         rotary_dim=rd,
         interleaved=draw(st.booleans()) if rd else False,
+        norm_heads_dim=HEADS_DIM[layout] if across else 0,
     )
     q_heads = draw(st.integers(1, 4))
     k_heads = draw(st.sampled_from([0] + [h for h in range(1, q_heads + 1) if q_heads % h == 0]))
@@ -181,11 +188,12 @@ def cases(draw) -> Case:
     return Case(
         dtype=dtype, head_dim=d, recipe=recipe, has_weight=has_weight,
         weight_dtype=draw(st.sampled_from((dtype, torch.float32))),
-        cos_dtype=cos_dtype, layout=draw(st.sampled_from(LAYOUTS)), cos_per_batch=draw(st.booleans()),
+        cos_dtype=cos_dtype, layout=layout, cos_per_batch=draw(st.booleans()),
         batch=draw(st.integers(1, 2)), seq=draw(st.integers(1, 4)), q_heads=q_heads, k_heads=k_heads,
         # a large eps changes the result visibly, so q's and k's eps cannot be swapped unnoticed
         q_eps=draw(st.sampled_from((1e-6, 0.25))), k_eps=draw(st.sampled_from((1e-5, 0.5))),
         scale=draw(st.sampled_from((0.05, 1.0, 20.0))), config=config, seed=draw(st.integers(0, 2**31 - 1)),
+        across=across,
     )
 
 
@@ -214,8 +222,8 @@ def make_inputs(c: Case):
     if c.has_weight:
         # around 1 (Llama) or around 0 with offset 1 (Gemma's 1 + w)
         centre = 1.0 - c.recipe.weight_offset
-        qw = (centre + 0.5 * torch.randn(D, generator=g)).to(c.weight_dtype)
-        kw = (centre + 0.5 * torch.randn(D, generator=g)).to(c.weight_dtype)
+        qw = (centre + 0.5 * torch.randn(D * (Hq if c.across else 1), generator=g)).to(c.weight_dtype)
+        kw = (centre + 0.5 * torch.randn(D * (max(Hk, 1) if c.across else 1), generator=g)).to(c.weight_dtype)
     cos = sin = None
     if rd:
         # An independent angle per entry (not HF's duplicated frequencies): a kernel that read
@@ -264,7 +272,8 @@ def fp32_divergence(c: Case) -> float:
     allow two roundings."""
     u32 = UNIT_ROUNDOFF[torch.float32]
     if c.recipe.norm == "rms":
-        return 2 * ((c.head_dim - 1) / 2 + 2) * u32
+        row = c.head_dim * (max(c.q_heads, c.k_heads) if c.across else 1)  # the terms of the sum
+        return 2 * ((row - 1) / 2 + 2) * u32
     return 2 * u32
 
 
@@ -345,6 +354,29 @@ def test_interpreted_kernel_matches_reference(interp, c: Case):
     # the kernel only writes its outputs
     after = [t for t in (q, k, qw, kw, cos, sin) if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_across_heads(interp, layout, rope, dtype):
+    """Every layout and rotation with a norm across heads: one mean over all heads of a token, each
+    head scaled by its own slice of the [heads * head_dim] weight (the drawn cases above reach
+    several heads with a weight and RoPE too rarely to be relied on for that)."""
+    rd = {"neox": 32, "interleaved": 32, "partial": 16, "none": 0}[rope]
+    recipe = Recipe(norm="rms", norm_dtype=dtype, rope_dtype=dtype, out_dtype=dtype, rotary_dim=rd,
+                    interleaved=rope == "interleaved", norm_heads_dim=HEADS_DIM[layout])
+    c = Case(dtype=dtype, head_dim=32, recipe=recipe, has_weight=True, weight_dtype=dtype, cos_dtype=dtype,
+             layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=1, q_eps=1e-6, k_eps=0.5,
+             scale=1.0, config=None, seed=5, across=True)
+    q, k, qw, kw, cos, sin = make_inputs(c)
+    assert tk.supports(q, k, cos, recipe, sin, qw, kw) is None
+    q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, recipe)
+    _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+    _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+    # the per-head norm of the same rows is another function (the test can tell them apart)
+    per_head = norm_rope_reference(q, qw[:32], cos, sin, c.q_eps, dataclasses.replace(recipe, norm_heads_dim=0))
+    assert (per_head.float() - q_out.float()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
