@@ -1,6 +1,6 @@
 """QK-norm + RoPE on the GPU: correctness first, then timings of every way to run it.
 
-    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,sweep] [--no-flashinfer]
+    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,across,sweep] [--no-flashinfer] [--tag T]
 
 For each shape it
 1. checks correctness: fresh random inputs, a float64 reference of the same HF code, memory
@@ -91,6 +91,24 @@ def flux_interleaved(q, k, qw, kw, cos, sin):
     return tuple(out)
 
 
+ACROSS_HEAD_DIM = 128
+
+
+def olmo2_across(q, k, qw, kw, cos, sin):
+    """HF OLMo2/3, OLMoE, MiniMax-M2: RMSNorm across all heads of the flat projection ([H*D] weight,
+    multiplied in float32), then the head view, transpose, RoPE with float32 cos/sin, cast back."""
+    D = ACROSS_HEAD_DIM
+    out = []
+    for x, w in ((q, qw), (k, kw)):
+        dt = x.dtype
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = (w * xf).to(dt).view(*x.shape[:-1], -1, D).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        out.append((x * c + rotate_half(x) * s).to(dt))
+    return tuple(out)
+
+
 def qkv_strided(qkv, qw, kw, cos, sin, Hq, Hk, D):
     """A fused qkv projection: q and k are strided slices of one [B,S,(Hq+2Hk)*D] tensor."""
     B, S = qkv.shape[:2]
@@ -106,7 +124,7 @@ class Case:
     hq: int
     hk: int
     d: int
-    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv
+    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv | across
     dtype: torch.dtype = torch.bfloat16
     group: str = "main"
 
@@ -117,6 +135,12 @@ class Case:
         T, Hq, Hk, D, dt = self.tokens, self.hq, self.hk, self.d, self.dtype
         r = lambda *s, dtype=dt: torch.randn(*s, device=DEV, dtype=dtype, generator=gen)  # noqa: E731
         qw, kw = r(D) * 0.5 + 1, r(D) * 0.5 + 1
+        if self.form == "across":  # float32 cos/sin, [H*D] weights; D = 128 (olmo2_across)
+            assert D == ACROSS_HEAD_DIM
+            ang = torch.rand(1, T, D // 2, device=DEV, generator=gen) * 6.28
+            cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+            return olmo2_across, (r(1, T, Hq * D), r(1, T, Hk * D), r(Hq * D) * 0.5 + 1, r(Hk * D) * 0.5 + 1,
+                                  cos, sin)
         if self.form == "interleaved":
             ang = torch.rand(T, D // 2, device=DEV, generator=gen) * 6.28
             cos = torch.repeat_interleave(ang.cos(), 2, -1)
@@ -135,7 +159,7 @@ class Case:
     def bytes_moved(self):
         """Read q, k, cos, sin once; write q, k once."""
         e = torch.finfo(self.dtype).bits // 8
-        cs = 4 if self.form == "interleaved" else e
+        cs = 4 if self.form in ("interleaved", "across") else e
         rd = self.rotary_dim()
         return 2 * self.tokens * (self.hq + self.hk) * self.d * e + 2 * self.tokens * rd * cs
 
@@ -154,6 +178,13 @@ EXTRA = [
     Case("4k interleaved fp32 cos", 4096, 24, 24, 128, "interleaved", group="extra"),
     Case("4k fp16", 4096, 32, 8, 128, dtype=torch.float16, group="extra"),
     Case("4k strided qkv", 4096, 32, 8, 128, "qkv", group="extra"),
+]
+ACROSS = [  # a norm across heads: under kernels="auto" left to Inductor until these are measured
+    Case("across decode 64, OLMo2-7B 32/32", 64, 32, 32, 128, "across", group="across"),
+    Case("across 4k, OLMo2-7B 32/32", 4096, 32, 32, 128, "across", group="across"),
+    Case("across 32k, OLMo2-7B 32/32", 32768, 32, 32, 128, "across", group="across"),
+    Case("across 4k, OLMoE 16/16", 4096, 16, 16, 128, "across", group="across"),
+    Case("across 4k, MiniMax-M2 48/8", 4096, 48, 8, 128, "across", group="across"),
 ]
 SWEEP = [Case(f"sweep {t}", t, 32, 8, 128, group="sweep") for t in (64, 256, 1024, 4096, 16384, 32768)]
 
@@ -200,14 +231,16 @@ def timed(fn, args):
     return e2e, dev
 
 
-def variants(fn, with_flashinfer):
+def variants(fn, with_flashinfer, form="qwen3"):
     qk = qkfuse.qkfuse_backend
+    # kernels="auto" leaves a norm across heads to Inductor until measured: measure the kernel
+    opts = {"qkfuse.kernels": "triton"} if form == "across" else {}
     v = {
         "eager": lambda: fn,
         "inductor": lambda: torch.compile(fn, backend="inductor"),
-        "qkfuse": lambda: torch.compile(fn, backend=qk),
+        "qkfuse": lambda: torch.compile(fn, backend=qk, options=opts),
         "inductor+cg": lambda: torch.compile(fn, backend="inductor", mode="reduce-overhead"),
-        "qkfuse+cg": lambda: torch.compile(fn, backend=qk, mode="reduce-overhead"),
+        "qkfuse+cg": lambda: torch.compile(fn, backend=qk, mode="reduce-overhead", options=opts),
     }
     if with_flashinfer:
         v["flashinfer"] = lambda: torch.compile(fn, backend=qk, options={"qkfuse.kernels": "flashinfer"})
@@ -242,7 +275,7 @@ def run_case(case, bw, with_flashinfer):
         ref64 = fn(*[a.double() for a in args])
         eager = fn(*args)
         row["checks"]["eager_rel_err_vs_fp64"] = rel_err(eager, ref64)
-        todo = variants(fn, with_flashinfer)
+        todo = variants(fn, with_flashinfer and case.form != "across", case.form)
         if case.group == "sweep":
             todo = {n: todo[n] for n in ("inductor", "qkfuse")}
         for name, make in todo.items():
@@ -294,7 +327,7 @@ def verdicts(row):
 
 
 def write(rows, meta, out_dirs):
-    date = meta["date"]
+    date = meta["date"] + (f"-{meta['tag']}" if meta.get("tag") else "")
     md = [f"# QK-norm + RoPE on {meta['gpu']} ({date})", "",
           f"torch {meta['torch']}, triton {meta['triton']}, flashinfer {meta['flashinfer']}; "
           f"copy bandwidth {meta['copy_tbps']:.2f} TB/s (1 GiB device copy, read+write).",
@@ -371,6 +404,8 @@ def write_policy(rows):
             continue
         key = f"d{r['head_dim']}_t{_bucket_tokens(r['tokens'])}"
         faster[key] = bool(faster.get(key, False) or fi < tr)
+    if not faster:  # no flashinfer rows (e.g. --shapes across): keep the committed measurements
+        return
     path = os.path.join(os.path.dirname(__file__), "..", "qkfuse", "kernels", "policy.json")
     with open(path, "w") as f:
         json.dump({"note": "written by benchmarks/bench_qk_norm_rope.py from measured device times",
@@ -386,6 +421,7 @@ def main():
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tag", default="", help="results file suffix: <date>-h200-<tag>.*")
     ap.add_argument("--merge", nargs="+", help="re-render these result JSONs (from several runs) as one")
     a = ap.parse_args()
     if a.merge:
@@ -406,11 +442,11 @@ def main():
         except Exception:
             with_fi = False
     groups = a.shapes.split(",")
-    cases = [c for c in MAIN + EXTRA + SWEEP if c.group in groups and a.only in c.name]
+    cases = [c for c in MAIN + EXTRA + ACROSS + SWEEP if c.group in groups and a.only in c.name]
     bw = copy_bandwidth()
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,
-            "copy_tbps": bw / 1e12}
+            "copy_tbps": bw / 1e12, "tag": a.tag}
     rows = []
     t0 = time.time()
     for c in cases:

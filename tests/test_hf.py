@@ -27,6 +27,10 @@ def gemma3():
     return transformers.Gemma3ForCausalLM(cfg)
 
 
+def olmo2():  # q_norm / k_norm across all heads ([H*D] weights), RoPE with float32 cos/sin
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SMALL, eos_token_id=None, pad_token_id=None))
+
+
 # The opaque reference op shows each fused call in the profiler at run time; the default on CPU
 # (inline torch ops, compiled by Inductor with the rest) is checked through the pass's counters.
 REFERENCE = {"qkfuse.kernels": "reference"}
@@ -42,7 +46,7 @@ def fused_calls_per_forward(model, ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [qwen3, gemma3], ids=["qwen3", "gemma3"])
+@pytest.mark.parametrize("build", [qwen3, gemma3, olmo2], ids=["qwen3", "gemma3", "olmo2"])
 def test_optimize_matches_eager_and_fuses_every_layer(build):
     torch.manual_seed(0)
     model = build().eval()
