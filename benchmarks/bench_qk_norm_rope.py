@@ -234,13 +234,15 @@ def timed(fn, args):
 def variants(fn, with_flashinfer, form="qwen3"):
     qk = qkfuse.qkfuse_backend
     # kernels="auto" leaves a norm across heads to Inductor until measured: measure the kernel
-    opts = {"qkfuse.kernels": "triton"} if form == "across" else {}
+    opts = {"qkfuse.kernels": "triton"} if form == "across" else None
+    # (torch.compile refuses mode= with options=; qkfuse.fuse merges them)
     v = {
         "eager": lambda: fn,
         "inductor": lambda: torch.compile(fn, backend="inductor"),
         "qkfuse": lambda: torch.compile(fn, backend=qk, options=opts),
         "inductor+cg": lambda: torch.compile(fn, backend="inductor", mode="reduce-overhead"),
-        "qkfuse+cg": lambda: torch.compile(fn, backend=qk, mode="reduce-overhead", options=opts),
+        "qkfuse+cg": lambda: (qkfuse.fuse(fn, mode="reduce-overhead", options=opts) if opts else
+                              torch.compile(fn, backend=qk, mode="reduce-overhead")),
     }
     if with_flashinfer:
         v["flashinfer"] = lambda: torch.compile(fn, backend=qk, options={"qkfuse.kernels": "flashinfer"})
