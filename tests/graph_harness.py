@@ -134,6 +134,12 @@ def _as_fake_cuda(gm: torch.fx.GraphModule):
 
 
 def run_pass_as_cuda(fn, *args, options: Options | None = None) -> CudaPassRun:
+    """The last (with fullgraph=True: the only) graph of :func:`cuda_pass_runs`."""
+    return cuda_pass_runs(fn, *args, options=options, fullgraph=True)[-1]
+
+
+def cuda_pass_runs(fn, *args, options: Options | None = None, fullgraph: bool = False,
+                   **kwargs) -> list[CudaPassRun]:
     """The pass on fn's post-grad graph as it would run on CUDA: traced on CPU, the values made
     fake CUDA tensors, Triton's front end pointed at a stand-in CUDA target (it only generates
     TTIR, for torch's analysis of what the kernel writes). Then Inductor's reinplace pass, which
@@ -152,7 +158,9 @@ def run_pass_as_cuda(fn, *args, options: Options | None = None) -> CudaPassRun:
 
     def inner(gm, example_inputs, **kwargs):
         _prepare(gm)
-        original = copy.deepcopy(gm)  # what runs (on CPU), so that the compile completes
+        # what runs (on CPU), so that the compile completes: a copy of the graph on the same
+        # attributes (deep-copying a graph's constant tensors can fail, e.g. Gemma3's)
+        original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
         mode = _as_fake_cuda(gm)
         from torch._guards import TracingContext
 
@@ -171,5 +179,5 @@ def run_pass_as_cuda(fn, *args, options: Options | None = None) -> CudaPassRun:
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return captured[-1]
+        torch.compile(fn, backend=backend, fullgraph=fullgraph)(*args, **kwargs)
+    return captured

@@ -2,7 +2,8 @@
 
 Functional (no mutation). Outputs are laid out by ``recipe.new_output(input)`` (dense, in the
 input's stride order), which is what every kernel returns and what the fake impls declare. The trailing arguments
-are the numerics recipe (qkfuse/ops/recipe.py), so every pattern family uses these two ops.
+are the numerics recipe (qkfuse/ops/recipe.py), so every pattern family uses these ops; their schema
+part is generated from the Recipe's fields (``recipe_schema``).
 
 Kernels: the plain-torch reference for CPU (and any device), the Triton kernel for CUDA. Inside
 compiled graphs on CUDA the pass does not call these ops: it splices the Triton launch itself,
@@ -15,63 +16,36 @@ import torch
 from torch import Tensor
 
 from ..kernels.reference import cos_sin_from_cache, norm_rope_reference
-from .recipe import Recipe, check_eps_tensor, check_inputs, check_tensor, new_output
+from .recipe import Recipe, check_eps_tensor, check_inputs, check_tensor, new_output, recipe_schema
 
 
 def _eps(value: float, tensor: Tensor | None):
     return value if tensor is None else tensor
 
 
-@torch.library.custom_op("qkfuse::norm_rope", mutates_args=())
-def norm_rope(
-    x: Tensor,
-    weight: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    eps: float,
-    eps_tensor: Tensor | None,
-    norm: str,
-    weight_offset: float,
-    cast_before_weight: bool,
-    norm_dtype: torch.dtype,
-    rope_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    rotary_dim: int,
-    interleaved: bool,
-    norm_heads_dim: int = 0,
-) -> Tensor:
-    """RMSNorm (optional) then RoPE (optional) of one tensor [..., head_dim]."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
-                    norm_heads_dim)
+def _schema(head: str, out: str) -> str:
+    return f"({head}, {recipe_schema()}) -> {out}"
+
+
+@torch.library.custom_op("qkfuse::norm_rope", mutates_args=(), schema=_schema(
+    "Tensor x, Tensor? weight, Tensor? cos, Tensor? sin, float eps, Tensor? eps_tensor", "Tensor"))
+def norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, eps: float,
+              eps_tensor: Tensor | None, *recipe_args) -> Tensor:
+    """RMSNorm (optional) then RoPE (optional) of one tensor [..., head_dim]; ``recipe_args`` are the
+    Recipe's fields in order (qkfuse/ops/recipe.py)."""
+    recipe = Recipe(*recipe_args)
     check_single(x, weight, cos, sin, eps_tensor, recipe)
     return norm_rope_reference(x, weight, cos, sin, _eps(eps, eps_tensor), recipe)
 
 
-@torch.library.custom_op("qkfuse::qk_norm_rope", mutates_args=())
-def qk_norm_rope(
-    q: Tensor,
-    k: Tensor,
-    q_weight: Tensor | None,
-    k_weight: Tensor | None,
-    cos: Tensor | None,
-    sin: Tensor | None,
-    q_eps: float,
-    k_eps: float,
-    q_eps_tensor: Tensor | None,
-    k_eps_tensor: Tensor | None,
-    norm: str,
-    weight_offset: float,
-    cast_before_weight: bool,
-    norm_dtype: torch.dtype,
-    rope_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    rotary_dim: int,
-    interleaved: bool,
-    norm_heads_dim: int = 0,
-) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("qkfuse::qk_norm_rope", mutates_args=(), schema=_schema(
+    "Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, float q_eps, "
+    "float k_eps, Tensor? q_eps_tensor, Tensor? k_eps_tensor", "(Tensor, Tensor)"))
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, cos: Tensor | None,
+                 sin: Tensor | None, q_eps: float, k_eps: float, q_eps_tensor: Tensor | None,
+                 k_eps_tensor: Tensor | None, *recipe_args) -> tuple[Tensor, Tensor]:
     """The same for q and k with one shared cos/sin: one kernel launch on CUDA."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
-                    norm_heads_dim)
+    recipe = Recipe(*recipe_args)
     check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_eps_tensor, k_eps_tensor)
     return (
         norm_rope_reference(q, q_weight, cos, sin, _eps(q_eps, q_eps_tensor), recipe),
@@ -79,32 +53,17 @@ def qk_norm_rope(
     )
 
 
-@torch.library.custom_op("qkfuse::qk_norm_rope_cached", mutates_args=())
-def qk_norm_rope_cached(
-    q: Tensor,
-    k: Tensor,
-    q_weight: Tensor | None,
-    k_weight: Tensor | None,
-    cos_sin_cache: Tensor,
-    positions: Tensor,
-    q_eps: float,
-    k_eps: float,
-    norm: str,
-    weight_offset: float,
-    cast_before_weight: bool,
-    norm_dtype: torch.dtype,
-    rope_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    rotary_dim: int,
-    interleaved: bool,
-    norm_heads_dim: int = 0,
-) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("qkfuse::qk_norm_rope_cached", mutates_args=(), schema=_schema(
+    "Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos_sin_cache, Tensor positions, "
+    "float q_eps, float k_eps", "(Tensor, Tensor)"))
+def qk_norm_rope_cached(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
+                        cos_sin_cache: Tensor, positions: Tensor, q_eps: float, k_eps: float,
+                        *recipe_args) -> tuple[Tensor, Tensor]:
     """qk_norm_rope with vLLM-style RoPE inputs: ``cos_sin_cache`` [max_position, rotary_dim] (cos of
     the rotary_dim/2 frequencies, then their sin) and integer ``positions`` broadcastable to
     q.shape[:-1] with size 1 along the heads (e.g. [T, 1] for q [T, H, D]), each in
     [0, max_position) (checked: a ValueError otherwise)."""
-    recipe = Recipe(norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype, rotary_dim, interleaved,
-                    norm_heads_dim)
+    recipe = Recipe(*recipe_args)
     check_cached(q, k, q_weight, k_weight, cos_sin_cache, positions, recipe)
     check_positions_in_range(positions, cos_sin_cache.shape[0])
     cos, sin = cos_sin_from_cache(cos_sin_cache, positions, recipe.interleaved)

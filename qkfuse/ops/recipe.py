@@ -77,6 +77,29 @@ class Recipe:
         return " + ".join(parts) or "identity"
 
 
+# Schema types of the Recipe fields (annotations are strings here: `from __future__ import annotations`).
+_SCHEMA_TYPES = {"str": "str", "float": "float", "bool": "bool", "torch.dtype": "ScalarType", "int": "SymInt"}
+# The first eight fields are positional and required in every op call (as in qkfuse 0.1); fields
+# added after them carry their default, so calls written before them keep working.
+_REQUIRED_FIELDS = 8
+
+
+def recipe_schema() -> str:
+    """The trailing arguments of the ``qkfuse::*norm_rope*`` op schemas, generated from the Recipe's
+    fields in order: adding a field to the recipe needs no edit of the ops, their fakes or kernels'
+    registrations (they take ``*recipe_args`` and build ``Recipe(*recipe_args)``)."""
+    parts = []
+    for i, f in enumerate(dataclasses.fields(Recipe)):
+        arg = f"{_SCHEMA_TYPES[f.type]} {f.name}"
+        if i >= _REQUIRED_FIELDS:
+            if not isinstance(f.default, (bool, int, float)):
+                raise TypeError(f"Recipe.{f.name}: a field added after the first {_REQUIRED_FIELDS} needs a "
+                                "bool/int/float default (the op schemas give it to callers that omit it)")
+            arg += f"={f.default!r}"
+        parts.append(arg)
+    return ", ".join(parts)
+
+
 # Dtypes the reference computes (what the matched graphs use); the GPU kernels take DTYPE_CODES.
 FLOAT_DTYPES = (*DTYPE_CODES, torch.float64)
 
@@ -97,7 +120,7 @@ def check_recipe(recipe: Recipe) -> None:
     # real impls get an int)
     if not isinstance(recipe.rotary_dim, (int, torch.SymInt)) or isinstance(recipe.rotary_dim, bool):
         raise TypeError(f"qkfuse: rotary_dim must be an int, got {type(recipe.rotary_dim).__name__}")
-    if not isinstance(recipe.norm_heads_dim, int) or isinstance(recipe.norm_heads_dim, bool):
+    if not isinstance(recipe.norm_heads_dim, (int, torch.SymInt)) or isinstance(recipe.norm_heads_dim, bool):
         raise TypeError(f"qkfuse: norm_heads_dim must be an int, got {type(recipe.norm_heads_dim).__name__}")
     if recipe.norm_heads_dim > 0:
         raise ValueError(f"qkfuse: norm_heads_dim must be 0 (per-head norm) or a negative dim, "

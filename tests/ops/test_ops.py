@@ -299,3 +299,25 @@ def test_qk_norm_rope_cached_positions_out_of_range(bad):
     with mode:
         qo, ko = torch.ops.qkfuse.qk_norm_rope_cached(*fake_args)
     assert qo.shape == q.shape and ko.shape == k.shape
+
+
+@pytest.mark.parametrize("op", ["norm_rope", "qk_norm_rope", "qk_norm_rope_cached"])
+def test_op_schemas_end_with_the_recipe_fields(op):
+    """The ops' recipe arguments are generated from the Recipe dataclass (ops/recipe.py::recipe_schema):
+    its fields, in order, required up to `interleaved`, the later ones with their defaults."""
+    import dataclasses
+
+    from qkfuse.ops.recipe import Recipe
+
+    fields = dataclasses.fields(Recipe)
+    args = getattr(torch.ops.qkfuse, op).default._schema.arguments[-len(fields):]
+    assert [a.name for a in args] == [f.name for f in fields]
+    assert [a.has_default_value() for a in args] == [i >= 8 for i in range(len(fields))]
+    # a call that leaves out the defaulted fields is the per-head recipe
+    x = torch.randn(2, 4, 3, 8)  # [B, H, S, D]
+    cos, sin = torch.randn(3, 8), torch.randn(3, 8)
+    legacy = Recipe(norm="rms", rotary_dim=8).op_args()[:8]
+    if op == "norm_rope":
+        out = torch.ops.qkfuse.norm_rope(x, None, cos, sin, 1e-6, None, *legacy)
+        full = torch.ops.qkfuse.norm_rope(x, None, cos, sin, 1e-6, None, *Recipe(norm="rms", rotary_dim=8).op_args())
+        assert torch.equal(out, full)
