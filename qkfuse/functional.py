@@ -48,6 +48,7 @@ def qk_norm_rope(
     out_dtype: torch.dtype | None = None,
     cos_sin_cache: Tensor | None = None,
     positions: Tensor | None = None,
+    across_heads: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-head RMSNorm of ``q`` and ``k``, then rotary embedding (RoPE): one kernel launch on CUDA.
 
@@ -74,8 +75,8 @@ def qk_norm_rope(
         Keys, same rank, dtype, device and ``head_dim`` as ``q``; may differ from ``q`` in one
         leading dim, the heads (GQA: ``[..., tokens, kv_heads, head_dim]``).
     q_weight, k_weight : torch.Tensor or None
-        The RMSNorm weights, ``[head_dim]`` each (any float dtype), or ``None`` for a norm
-        without weight.
+        The RMSNorm weights, ``[head_dim]`` each (``[heads * head_dim]`` with ``across_heads``; any
+        float dtype), or ``None`` for a norm without weight.
     cos, sin : torch.Tensor, optional
         RoPE tables, ``[..., tokens, rotary_dim]`` (one dim fewer than ``q``: a heads axis is
         inserted before the last dim, as HF's ``unsqueeze_dim=2``) or with ``q``'s rank and
@@ -121,6 +122,10 @@ def qk_norm_rope(
         in ``[0, max_position)``: checked, with a ValueError in eager code (one reduction and one
         device sync), with an asynchronous assert (RuntimeError on CPU, device-side assert on CUDA)
         in traced code and while a CUDA graph is captured.
+    across_heads : bool
+        Normalise each token over all its heads at once (OLMo2/3, OLMoE: ``q_norm`` on the flat
+        ``[..., H * D]`` projection before the head view) instead of each head; the weights are then
+        ``[heads * head_dim]`` (head-major) and the heads are ``q``'s dim -2. Default ``False``.
 
     Returns
     -------
@@ -170,7 +175,7 @@ def qk_norm_rope(
     """
     return _call(q, k, q_weight, k_weight, cos, sin, eps, eps if k_eps is None else k_eps, rotary_dim,
                  interleaved, norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
-                 cos_sin_cache, positions)
+                 cos_sin_cache, positions, across_heads)
 
 
 def norm_rope(
@@ -188,6 +193,7 @@ def norm_rope(
     norm_dtype: torch.dtype | None = None,
     rope_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    across_heads: bool = False,
 ) -> Tensor:
     r"""Per-head RMSNorm then RoPE of one tensor ``x`` ``[..., tokens, heads, head_dim]``.
 
@@ -199,7 +205,7 @@ def norm_rope(
     >>> q = qkfuse.norm_rope(q, attn.q_norm.weight, cos, sin, eps=1e-6)
     """
     return _call(x, None, weight, None, cos, sin, eps, eps, rotary_dim, interleaved, norm, weight_offset,
-                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None)[0]
+                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads)[0]
 
 
 def _with_heads_axis(t: Tensor, q: Tensor, name: str, rank_without: int, axis: int) -> Tensor:
@@ -223,7 +229,7 @@ def _number(v, name: str):
 
 
 def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-            rope_dtype, out_dtype) -> Recipe:
+            rope_dtype, out_dtype, across_heads=False) -> Recipe:
     """The recipe of HF numerics for q's dtype, with the caller's overrides."""
     weight_offset = _number(weight_offset, "weight_offset")
     if rotary_dim is None:
@@ -237,8 +243,11 @@ def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before
         rope_dtype = norm_dtype
         for t in tables:
             rope_dtype = torch.promote_types(rope_dtype, t.dtype)
+    if not isinstance(across_heads, bool):
+        raise TypeError(f"qkfuse: across_heads must be a bool, got {type(across_heads).__name__}")
     return Recipe(norm, weight_offset, bool(cast_before_weight), norm_dtype, rope_dtype,
-                  q.dtype if out_dtype is None else out_dtype, int(rotary_dim), bool(interleaved))
+                  q.dtype if out_dtype is None else out_dtype, int(rotary_dim), bool(interleaved),
+                  -2 if across_heads else 0)  # the heads are q's dim -2
 
 
 def _direct_kernel(q: Tensor) -> bool:
@@ -252,7 +261,7 @@ def _direct_kernel(q: Tensor) -> bool:
 
 
 def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interleaved, norm, weight_offset,
-          cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions):
+          cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions, across_heads=False):
     # Argument checks that decide the defaults come first, so a bad q or cos is named as such
     # rather than as the recipe dtype derived from it; the op's own checks do the rest.
     check_tensor(q, "q", None)
@@ -276,7 +285,7 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
         sin = None if sin is None else _with_heads_axis(sin, q, "sin", q.dim() - 1, -2)
         tables = [t for t in (cos, sin) if t is not None]
     recipe = _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-                     rope_dtype, out_dtype)
+                     rope_dtype, out_dtype, across_heads)
 
     inputs = (q, k, q_weight, k_weight, cos, sin, cache)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):

@@ -226,6 +226,33 @@ def test_overrides_reach_the_recipe():
     assert_close_to_eager(out32, qwen3_rmsnorm(q, w32, 1e-6))  # bf16 * fp32 weight promotes to fp32
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_across_heads_is_olmo2(dtype):
+    """across_heads=True: OLMo2's q_norm/k_norm over the flat projection ([H*D] weights, multiplied
+    in float32), then the head view and RoPE with float32 cos/sin, cast back (Olmo2Attention)."""
+    g = torch.Generator().manual_seed(7)
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 32
+    q, k = ((2 * torch.randn(B, S, h * D, generator=g)).to(dtype) for h in (Hq, Hk))
+    qw, kw = ((1 + 0.3 * torch.randn(h * D, generator=g)).to(dtype) for h in (Hq, Hk))
+    ang = torch.rand(B, S, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # float32, as OLMo2 keeps them
+
+    def olmo2(x, w):
+        xf = x.to(torch.float32)
+        y = (w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))).to(dtype)
+        y = y.view(B, S, -1, D).transpose(1, 2)
+        return (y * cos.unsqueeze(1) + rotate_half(y) * sin.unsqueeze(1)).to(dtype)
+
+    qo, ko = qkfuse.qk_norm_rope(q.view(B, S, Hq, D), k.view(B, S, Hk, D), qw, kw, cos, sin, across_heads=True,
+                                 cast_before_weight=False, out_dtype=dtype)
+    assert_close_to_eager(qo.transpose(1, 2), olmo2(q, qw))
+    assert_close_to_eager(ko.transpose(1, 2), olmo2(k, kw))
+    with pytest.raises(ValueError, match=r"weight must have shape \[128\] \(heads \* head_dim"):
+        qkfuse.qk_norm_rope(q.view(B, S, Hq, D), k.view(B, S, Hk, D), qw[:D], kw, cos, sin, across_heads=True)
+    with pytest.raises(TypeError, match="across_heads must be a bool"):
+        qkfuse.norm_rope(q.view(B, S, Hq, D), qw, cos, sin, across_heads=-2)
+
+
 def test_special_values_and_empty():
     q, k, qw, kw, cos, sin = make(SPECS["qwen3_bf16"], seed=6)
     q[0, 1, 2, 3] = math.nan

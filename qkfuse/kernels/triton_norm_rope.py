@@ -526,7 +526,8 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
         if cos.stride(-1) != 1:
             return "cos/sin cache last dim is not contiguous"
         try:
-            axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, positions.unsqueeze(-1).shape)
+            axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, positions.unsqueeze(-1).shape,
+                              heads_dim=recipe.norm_heads_dim)
         except UnsupportedLayout as e:
             return str(e)
         if _strides3(positions.unsqueeze(-1), q.shape[:-1], axes)[2] != 0:

@@ -142,6 +142,29 @@ def test_odd_head_dims_and_tails(head_dim, rotary_dim):
     assert_close_to_eager(ko.transpose(1, 2), rk, KERNEL_UNITS)
 
 
+@pytest.mark.parametrize("q_heads, k_heads, head_dim, rotary_dim", [(32, 8, 128, 128), (48, 8, 128, 128),
+                                                                   (16, 16, 128, 64), (5, 1, 80, 80), (64, 8, 128, 128)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_across_heads_kernel_matches_the_reference(q_heads, k_heads, head_dim, rotary_dim, interleaved):
+    """The norm across heads (OLMo2 / OLMoE / MiniMax-M2 shapes, one program per token holding all
+    heads, up to 64 x 128): the compiled kernel against the reference, bf16 with float32 cos/sin."""
+    g = torch.Generator(device="cuda").manual_seed(q_heads + head_dim)
+    B, S = 2, 37
+    q, k = (torch.randn(B, S, h, head_dim, device="cuda", generator=g).bfloat16() for h in (q_heads, k_heads))
+    qw, kw = (1 + 0.3 * torch.randn(h * head_dim, device="cuda", generator=g).bfloat16() for h in (q_heads, k_heads))
+    ang = torch.rand(B, S, rotary_dim, device="cuda", generator=g) * 6.3
+    cos, sin = ang.cos(), ang.sin()
+    kw_ = dict(across_heads=True, cast_before_weight=False, interleaved=interleaved, rotary_dim=rotary_dim)
+    with mock.patch.object(tk, "launch", wraps=tk.launch) as launch:
+        qo, ko = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, **kw_)
+    assert launch.call_count == 1
+    recipe = qkfuse.functional._recipe(q, [cos, sin], rotary_dim, interleaved, "rms", 0.0, False, None, None, None,
+                                       True)
+    c, s_ = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    assert_close_to_eager(qo, norm_rope_reference(q, qw, c, s_, 1e-6, recipe), KERNEL_UNITS)
+    assert_close_to_eager(ko, norm_rope_reference(k, kw, c, s_, 1e-6, recipe), KERNEL_UNITS)
+
+
 # ---- the bad-input fuzz, on CUDA ----------------------------------------------------------------
 
 
