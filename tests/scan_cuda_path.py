@@ -95,7 +95,7 @@ def run_worker(kind: str, name: str, timeout: float) -> dict:
     return row
 
 
-def render(rows: list[dict], command: str) -> str:
+def render(rows: list[dict], command: str, note: str = "") -> str:
     import torch
     import triton
 
@@ -108,6 +108,7 @@ def render(rows: list[dict], command: str) -> str:
           "CPU is fused on CUDA or left to Inductor by the kernel policy (the norm across heads: not yet "
           "measured on a GPU), each fused call is one launch, no kernel argument is cloned.", "",
           f"- torch {torch.__version__}, triton {triton.__version__}; command: `{command}`",
+          *([f"- {note}"] if note else []),
           f"- **{ok} of {len(rows)} architectures ok**", "",
           "| kind | architecture | sites | fused (CPU) | fused (CUDA path) | policy: left to Inductor | launches | "
           "cloned args | status | other reasons / error |",
@@ -127,12 +128,18 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage-cuda-path.md"))
+    ap.add_argument("--resume", action="store_true", help="keep the other rows of --out's .json")
+    ap.add_argument("--note", default="", help="a line added to the header")
     a = ap.parse_args()
     if a.one:
         print("ROW " + json.dumps(scan_one(*a.one)), flush=True)
         return 0
     todo = targets(set(filter(None, a.only.split(","))))
     rows = []
+    kept = []
+    old_json = pathlib.Path(a.out).with_suffix(".json")
+    if a.resume and old_json.exists():
+        kept = [r for r in json.loads(old_json.read_text()) if (r["kind"], r["name"]) not in set(todo)]
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
         for f in concurrent.futures.as_completed([pool.submit(run_worker, k, n, a.timeout) for k, n in todo]):
             r = f.result()
@@ -141,8 +148,13 @@ def main() -> int:
                   f"cpu {r.get('cpu_fused', '-')} cuda {r.get('cuda_fused', '-')} policy {r.get('policy', '-')} "
                   f"launches {r.get('launches', '-')} cloned {r.get('cloned', '-')} {r.get('error', '')[:80]}",
                   flush=True)
-    command = "python tests/scan_cuda_path.py " + " ".join(sys.argv[1:])
-    pathlib.Path(a.out).write_text(render(rows, command))
+    argv = sys.argv[1:]
+    if "--note" in argv:  # (the note is printed on its own line)
+        i = argv.index("--note")
+        argv = argv[:i] + argv[i + 2:]
+    command = "python tests/scan_cuda_path.py " + " ".join(argv)
+    rows = kept + rows
+    pathlib.Path(a.out).write_text(render(rows, command, a.note))
     pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {a.out}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

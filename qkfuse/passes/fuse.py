@@ -171,6 +171,7 @@ def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:
         log.debug("qkfuse: graph %d before:\n%s", r.gid, _graph_code(graph))
     order = {n: i for i, n in enumerate(graph.nodes)}
     r.replace(r.match(order), order)
+    _ensure_ordered(graph, options)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("qkfuse: graph %d after:\n%s", r.gid, _graph_code(graph))
     if r.records:
@@ -178,6 +179,25 @@ def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:
         log.info("qkfuse: graph %d: %d site(s) fused, %d refused", r.gid, fused, len(r.records) - fused)
     publish(r.records)
     return r.records
+
+
+def _ensure_ordered(graph: torch.fx.Graph, options: Options) -> None:
+    """Every node after its inputs. The replacements keep the order by construction
+    (tests/passes/test_pairing.py); should one not, the graph is sorted here rather than handed
+    to Inductor out of order (strict mode: an error, so the tests see it)."""
+    seen: set = set()
+    for n in graph.nodes:
+        if any(a not in seen for a in n.all_input_nodes):
+            break
+        seen.add(n)
+    else:
+        return
+    if options.strict_errors:
+        raise RuntimeError(f"qkfuse: the rewritten graph uses {n.name}'s inputs before they are computed")
+    log.warning("qkfuse: the rewritten graph was out of order at %s; sorting it", n.name)
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
 
 
 def _first_site(cand, families, ctx: MatchContext) -> Site:

@@ -19,10 +19,18 @@ from ..patterns.canon import same_int, static_int, tensor_val
 Site = norm_rope.Site
 
 
-def early_users(group: tuple[Site, ...], order: dict) -> list | None:
+def call_inputs(group: tuple[Site, ...], extra=()) -> set:
+    """Every node the group's sites read, plus `extra` (the fused call's own arguments). The call
+    goes after the latest of them, and the outputs' users before that point move behind it: both
+    must use this one set (a k site's own unsqueeze of the shared cos, which the call does not read,
+    still counts: a user of q placed between it and the call's last argument reads later nodes)."""
+    return {n for s in group for n in s.input_nodes()} | set(extra)
+
+
+def early_users(group: tuple[Site, ...], order: dict, extra=()) -> list | None:
     """The nodes computed from the group's outputs that come before its latest input (in graph
     order; they move behind the fused call), or None if an input is among them (a cycle)."""
-    inputs = {n for s in group for n in s.input_nodes()}
+    inputs = call_inputs(group, extra)
     latest = max((order[n] for n in inputs), default=-1)
     seen: set = set()
     stack = [u for s in group for u in s.output_users()]

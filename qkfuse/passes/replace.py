@@ -14,7 +14,7 @@ from torch.fx import Node
 from ..patterns.norm_rope import Site
 from . import splice
 from .launchers import launcher
-from .pairing import early_users
+from .pairing import call_inputs, early_users
 
 _call_ids = itertools.count()
 
@@ -22,16 +22,17 @@ _call_ids = itertools.count()
 def replace_group(graph: torch.fx.Graph, group: tuple[Site, ...], kernel: str, order: dict) -> list[Node]:
     """Replace `group` by one fused call served by `kernel`; returns the new output nodes.
     `order`: the graph's current node order."""
-    movers = early_users(group, order)
+    fn, args = launcher(kernel, group)
+    inputs = call_inputs(group, args)
+    movers = early_users(group, order, args)
     if movers is None:
         raise RuntimeError("qkfuse: one call for these sites would be a cycle")
-    fn, args = launcher(kernel, group)
     gm = splice.trace(fn, [a.meta["val"] for a in args])
     targets = [t for s in group for t in s.targets()]
     returned = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if len(returned) != len(targets):
         raise RuntimeError(f"qkfuse: the fused call returns {len(returned)} values for {len(targets)} targets")
-    after = splice.insertion_point(graph, args, order)
+    after = splice.insertion_point(graph, list(inputs), order)  # the latest input: the movers' bound
     after_call = after.next
     op = "qk_norm_rope" if len(group) > 1 else "norm_rope"
     outs = splice.insert(graph, gm, args, after=after, meta_from=group[0].anchor,

@@ -165,3 +165,51 @@ def test_users_before_the_latest_input_move_behind_the_call():
     run.rewritten.graph.lint()
     for out, ref in zip(run.out, run.ref):
         assert scale_error(out, ref) <= 1e-6
+
+
+def test_a_user_of_q_that_also_reads_later_nodes_stays_after_them():
+    """HunyuanVideo's double-stream block, reduced: image q is rotated with its own unsqueezed
+    cos/sin, the text q is normalised after it and concatenated with it, and k is rotated later with
+    unsqueezes of its own of the same cos/sin (one call serves both; it reads q's). The concatenation
+    reads the text q too: it must stay after it wherever the call goes (it used to be moved right
+    behind the call, above the text q's norm: a graph out of order that Inductor cannot compile)."""
+
+    def fn(h, t, cos, sin, wq, wk, qw, kw, tw):
+        B, S, _ = h.shape
+        k_lin = (h @ wk).view(B, S, HK, D)
+        q = rope(llama_norm((h @ wq).view(B, S, HQ, D), qw).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
+        # the text q comes after q's RoPE and after k's projection (the call's latest input)
+        q_text = llama_norm((t @ wq).view(B, S, HQ, D) + k_lin.mean(), tw).transpose(1, 2)
+        kn = llama_norm(k_lin, kw).transpose(1, 2)
+        q_all = torch.cat([q, q_text], dim=2)  # a user of q that reads a later node too
+        k = rope(kn, cos.unsqueeze(1), sin.unsqueeze(1))  # k's own unsqueezes of cos/sin, after the cat
+        return q_all, k
+
+    h, cos, sin, wq, wk, _, _, qw, kw = make_inputs()[:9]
+    t = torch.randn_like(h)
+    tw = 1 + 0.3 * torch.randn_like(qw)
+    run = run_pass(fn, h, t, cos, sin, wq, wk, qw, kw, tw)
+    assert len(run.fused) == 2 and run.count("qkfuse.qk_norm_rope") == 1, run.records
+    run.rewritten.graph.lint()  # topologically ordered
+    for out, ref in zip(run.out, run.ref):
+        assert scale_error(out, ref) <= 1e-6
+
+
+def test_an_out_of_order_graph_is_sorted_not_handed_on(caplog, monkeypatch):
+    """The safety net behind the ordering above: outside strict mode an out-of-order graph is
+    sorted (with a warning), in strict mode (the tests) it is an error."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.neg.default, (x,))
+    b = g.call_function(torch.ops.aten.abs.default, (a,))
+    g.output(b)
+    b.append(a)  # a moves behind its user b
+    with pytest.raises(RuntimeError):
+        g.lint()
+    with pytest.raises(RuntimeError, match="before they are computed"):
+        fuse._ensure_ordered(g, Options(strict=True))
+    monkeypatch.setenv("QKFUSE_STRICT", "0")
+    with caplog.at_level(logging.WARNING, logger="qkfuse"):
+        fuse._ensure_ordered(g, Options(strict=False))
+    g.lint()
+    assert "sorting it" in caplog.text

@@ -2,7 +2,8 @@
 [H*D] weight, then the head view, then RoPE (OLMo2/3, OLMoE, FlexOlmo, MiniMax-M2).
 
 Drawn: the norm body, layout (transposed to [B,H,S,D], RoPE on [B,S,H,D], packed [N,H*D]), GQA,
-head_dim, partial rotary, rotate_half spelling, dtype, cos in float32 (OLMo2) or x's dtype.
+head_dim, partial rotary, rotate_half spelling, dtype, cos in float32 (OLMo2) or x's dtype, static
+or dynamic shapes.
 Asserted: one fused q+k call whose recipe reduces over the heads, no norm left, equal to the
 unfused graph and no further from float64. And where it must stay with Inductor: CUDA under
 ``kernels="auto"`` (the kernel is not yet measured against Inductor there; the reason is recorded).
@@ -67,14 +68,17 @@ def spec_of(body, hk, ratio, D, rd, dtype, rotate, weight_first) -> Spec:
        hk=st.sampled_from([1, 2]), ratio=st.sampled_from([1, 2, 4]), D=st.sampled_from([16, 32, 64]),
        partial=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        cos_f32=st.booleans(), rotate=st.sampled_from(["slice", "chunk", "split"]), weight_first=st.booleans(),
-       seed=st.integers(0, 2**16))
+       dynamic=st.booleans(), seed=st.integers(0, 2**16))
 def test_across_heads_site_is_one_call_equal_to_the_graph(body, layout, hk, ratio, D, partial, dtype, cos_f32,
-                                                          rotate, weight_first, seed):
+                                                          rotate, weight_first, dynamic, seed):
     spec = spec_of(body, hk, ratio, D, D // 2 if partial else D, dtype, rotate, weight_first)
     block = AcrossHeads(spec, layout, seed)
     # (float32 cos with partial rotary leaves the two parts in different dtypes: refused per head too)
     args = inputs(spec, layout, torch.float32 if cos_f32 and not partial else dtype, seed)
-    run = run_pass(block, *args)
+    if dynamic:  # widths come from Linear weights / configs in real models: static (as in
+        for t in args:  # test_norm_rope_equivalence); batch and sequence become symbolic
+            torch._dynamo.mark_static(t, t.dim() - 1)
+    run = run_pass(block, *args, dynamic=dynamic)
 
     assert [(r.family, r.fused) for r in run.records] == [("norm_rope", True)] * 2, run.records
     assert all("across heads" in r.recipe for r in run.records), run.records
