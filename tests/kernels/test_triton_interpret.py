@@ -545,21 +545,23 @@ def test_cos_sin_cache_with_positions(interp, interleaved, rotary_dim, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,seq", [(1, 1), (2, 1), (2, 3)])
 @pytest.mark.parametrize("with_q", [True, False])
-def test_cache_write_matches_index_put(interp, dtype, batch, seq, with_q):
+@pytest.mark.parametrize("across", [False, True])
+def test_cache_write_matches_index_put(interp, dtype, batch, seq, with_q, across):
     """k's rotated rows and v's rows land in their caches at the positions (HF StaticCache's
     index_copy_), bit for bit what the launch without a cache returns (its accuracy against the
-    reference is the test above); every other cache row is untouched; q is unchanged."""
+    reference is the test above); every other cache row is untouched; q is unchanged. With a norm
+    across heads too (one program holds all heads of a token, v's copy tile as wide)."""
     g = torch.Generator().manual_seed(batch * 10 + seq)
     D, Hq, Hk, L = 32, 4, 2, 9
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     q, k, v = r(batch, seq, Hq, D).transpose(1, 2), r(batch, seq, Hk, D).transpose(1, 2), \
         r(batch, seq, Hk, D).transpose(1, 2)
-    qw, kw = 1 + 0.3 * r(D), 1 + 0.3 * r(D)
+    qw, kw = 1 + 0.3 * r(D * (Hq if across else 1)), 1 + 0.3 * r(D * (Hk if across else 1))
     cos, sin = r(batch, 1, seq, D), r(batch, 1, seq, D)
     k_cache, v_cache = r(batch, Hk, L, D), r(batch, Hk, L, D)
     index = torch.tensor([5, 1, 7][:seq]) if seq > 1 else torch.tensor([-2])  # index_put wraps negatives
     recipe = Recipe(norm="rms", cast_before_weight=dtype != torch.float32, norm_dtype=dtype, rope_dtype=dtype,
-                    out_dtype=dtype, rotary_dim=D)
+                    out_dtype=dtype, rotary_dim=D, norm_heads_dim=-3 if across else 0)
     q_plain, k_plain = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe)
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     kc_ref[:, :, index] = k_plain
