@@ -68,7 +68,7 @@ def run_pass(fn, *args, dynamic: bool = False, options: Options | None = None) -
 
     def inner(gm, example_inputs, **kwargs):
         _prepare(gm)
-        original = copy.deepcopy(gm)
+        original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # (its constants shared: see below)
         records = fuse.run(gm.graph, options)
         gm.graph.lint()
         gm.recompile()

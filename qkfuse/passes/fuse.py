@@ -109,9 +109,9 @@ class _Run:
                 if claimed.intersection(site.interior):
                     raise Refused("overlaps another site")
                 if self.options.kv_cache:
-                    site.cache, note = _cache_write(site, order, writes_taken, self.options)
-                    if note:
-                        log.info("qkfuse: %s: %s", site.anchor.name, note)
+                    site.cache, site.cache_note = _cache_write(site, order, writes_taken, self.options)
+                    if site.cache_note:
+                        log.info("qkfuse: %s: %s", site.anchor.name, site.cache_note)
             except Refused as e:
                 self.record(cand, False, str(e), family=e.site_of or family)
                 continue
@@ -159,7 +159,7 @@ class _Run:
                     counters["qkfuse"]["kv_cache_writes"] += 1
                 for s in grp:
                     partner = next((p for p in grp if p is not s), None)
-                    self.record(s, True, note, partner)
+                    self.record(s, True, f"{note}; {s.cache_note}" if s.cache_note else note, partner)
 
 
 def run(graph: torch.fx.Graph, options: Options) -> list[SiteRecord]:

@@ -69,6 +69,7 @@ class Site:
     cache: CacheWrite | None = None  # the KV-cache write this (k) site absorbs
     # (heads, head_dim): x's last dim holds all heads (a norm across heads, before the head view)
     split: tuple[int, int] | None = None
+    cache_note: str = ""  # why a KV-cache write after this site stays with Inductor (shown by explain)
 
     def op_input(self, x):
         """The fused op's input from x (a tensor: a traced one or x's meta value)."""

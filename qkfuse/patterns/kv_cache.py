@@ -113,6 +113,10 @@ def _through_leading_ones(n: Node) -> tuple[Node, list[Node]]:
     return n, views
 
 
+def _reads_a_cache_input(n: Node) -> bool:
+    return isinstance(n.args[0], Node) and n.args[0].op in ("placeholder", "get_attr")
+
+
 def _written_back(w: _Write) -> bool:
     """The graph ends by copying the write's result into the cache input (in-place semantics)."""
     return w.cache.op in ("placeholder", "get_attr") and any(
@@ -133,6 +137,10 @@ def _check(w: _Write) -> str | None:
         return f"written shape {tuple(vv.shape)} is not the cache's {tuple(cv.shape)} at {iv.shape[0]} positions"
     if w.dim == cv.dim() - 1:
         return "the write indexes head_dim"
+    if is_op(w.cache, aten.index) and _reads_a_cache_input(w.cache):
+        # HF's sliding-window layer once its window is full: the whole cache, gathered rolled by one
+        # position, then the new row written into that copy (not a row write into the cache)
+        return "it writes into a rolled copy of the cache (a full sliding window), not rows of the cache"
     if not _written_back(w):
         return "the cache is not a graph input written back in place"
     return None

@@ -81,6 +81,33 @@ def test_k_with_another_user_keeps_its_write_with_inductor():
         assert torch.equal(c, ref)
 
 
+def test_a_full_sliding_window_keeps_its_write_with_inductor_and_explain_says_why():
+    """HF's sliding-window layer once its window is full: the cache rolled by one position (a gather
+    of the whole cache), the new row written into that copy, the copy written back. Not a row write:
+    left to Inductor, the sites still fused, and the k site's record says why."""
+
+    def rolled_step(h, k_cache, v_cache, pos, cos, sin, wq, wk, wv, qw, kw):
+        B, S, _ = h.shape
+        q = llama_norm((h @ wq).view(B, S, HQ, D), qw).transpose(1, 2)
+        k = llama_norm((h @ wk).view(B, S, HK, D), kw).transpose(1, 2)
+        v = (h @ wv).view(B, S, HK, D).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = rope(q, c, s), rope(k, c, s)
+        index = torch.tensor([-1])  # as StaticSlidingWindowLayer.update writes it
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            rolled = cache.roll(-1, dims=-2)
+            rolled[:, :, index] = new
+            cache.copy_(rolled)
+        return (torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True),)
+
+    run = run_pass(rolled_step, *make_inputs(2, 1, torch.float32))
+    assert len(run.fused) == 2 and "kv_cache_writes" not in counters["qkfuse"]
+    k_site = next(r for r in run.fused if r.shape[1] == HK)
+    assert "k-cache write left to Inductor: it writes into a rolled copy of the cache" in k_site.reason, k_site
+    for c, ref in zip(_caches(run.inputs), _caches(run.ref_inputs)):
+        assert torch.equal(c, ref)
+
+
 def test_kv_cache_option_off():
     run = run_pass(step, *make_inputs(2, 1, torch.float32), options=qkfuse.Options(kv_cache=False))
     assert len(run.fused) == 2 and "kv_cache_writes" not in counters["qkfuse"]
