@@ -164,7 +164,36 @@ def match_rms_norm(y: Node) -> NormMatch:
                             [*final_convs, node, *n_convs, *nodes], leaves)
     if is_op(y, aten.cat):
         raise Refused("RoPE input is a concatenation (e.g. text and image tokens), not one norm output")
+    other = other_norm_kind(y)
+    if other is not None:
+        raise Refused(f"{other} feeds this RoPE, not an RMSNorm (not fused yet)")
     raise Refused("no RMSNorm (x * rsqrt(mean(x^2) + eps) [* w]) feeds this RoPE")
+
+
+def other_norm_kind(y: Node, depth: int = 8) -> str | None:
+    """What normalisation, other than an RMSNorm, produces y (for the refusal message), or None:
+    a LayerNorm (``var_mean``, or x - mean(x) scaled by rsqrt of a variance) or an L2 norm
+    (rsqrt of a sum of squares, or ``linalg_vector_norm``), found among y's nearest inputs."""
+    frontier, seen = [y], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, Node) or n in seen:
+                continue
+            seen.add(n)
+            if is_op(n, aten.var_mean) or is_op(n, aten.native_layer_norm):
+                return "a LayerNorm"
+            if is_op(n, aten.sub) and any(is_op(a, aten.mean) for a in n.args):
+                return "a LayerNorm (x - mean(x))"
+            if is_op(n, aten.linalg_vector_norm):
+                return "an L2 norm (x scaled by 1 / ||x||)"
+            if is_op(n, aten.sum) and isinstance(n.args[0], Node) and canon.square_operand(n.args[0]) is not None:
+                return "an L2 norm (x scaled by 1 / ||x||)"
+            if is_op(n, aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution):
+                continue  # past the q/k projection: a norm there (the layer's input norm) is not a q/k norm
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return None
 
 
 def _finish_norm(x, weight, offset, cast_before, eps, eps_expr, norm_dtype, interior, leaves) -> NormMatch:

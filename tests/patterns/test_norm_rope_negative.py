@@ -194,3 +194,46 @@ def test_disabled_pass_changes_nothing():
     run = check(fn, inputs(), {}, fused=0, options=Options(enable=False))
     assert run.records == [] and run.count("qkfuse") == 0
 
+
+
+def _layer_norm_cohere(x, w, eps=1e-5):  # CohereLayerNorm: float32 mean and variance, no bias
+    dt, x = x.dtype, x.to(torch.float32)
+    mean = x.mean(-1, keepdim=True)
+    x = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
+    return (w.to(torch.float32) * x).to(dt)
+
+
+def _l2_norm(x, w, eps=1e-6):  # nGPT / Dory: onto the unit sphere (a sum, not a mean)
+    return (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps)).type_as(x)
+
+
+@pytest.mark.parametrize("norm,kind", [
+    (lambda x, w: torch.nn.functional.layer_norm(x, (D,), w), "a LayerNorm feeds this RoPE"),
+    (_layer_norm_cohere, "a LayerNorm (x - mean(x)) feeds this RoPE"),
+    (_l2_norm, "an L2 norm (x scaled by 1 / ||x||) feeds this RoPE"),
+], ids=["layer_norm", "cohere", "l2"])
+def test_other_norms_are_named_in_the_refusal(norm, kind):
+    """A q/k norm that is not an RMSNorm is left to Inductor, and explain says which norm it is."""
+
+    def fn(q, k, qw, kw, cos, sin):
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return rope(norm(q, qw).transpose(1, 2), c, s), rope(norm(k, kw).transpose(1, 2), c, s)
+
+    run = check(fn, inputs(torch.float32), {"q": kind}, fused=0)
+    assert len(run.refused) == 2 and all("not an RMSNorm (not fused yet)" in r.reason for r in run.refused)
+
+
+def test_a_layer_norm_before_the_projection_is_not_a_q_norm():
+    """GPT-NeoX / Phi: the layer's input LayerNorm, then q/k projections and RoPE with no q/k norm:
+    the reason is that no norm feeds the RoPE (the walk stops at the projection)."""
+    wq, wk = torch.randn(HQ * D, HQ * D), torch.randn(HQ * D, HK * D)
+
+    def fn(h, cos, sin):
+        x = torch.nn.functional.layer_norm(h, (h.shape[-1],))
+        q, k = (x @ wq).view(B, S, HQ, D), (x @ wk).view(B, S, HK, D)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return rope(q.transpose(1, 2), c, s), rope(k.transpose(1, 2), c, s)
+
+    _, _, _, _, cos, sin = inputs(torch.float32)
+    run = check(fn, (torch.randn(B, S, HQ * D), cos, sin), {"q": "no RMSNorm"}, fused=0)
+    assert not any("LayerNorm" in r.reason for r in run.refused)
