@@ -127,6 +127,14 @@ def _tiny_qwen3(layers=2):
     return transformers.Qwen3ForCausalLM(cfg).eval(), cfg
 
 
+def _tiny_olmo2(layers=2):  # q/k norms across heads ([H*D] weights), float32 cos/sin
+    cfg = transformers.Olmo2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    return transformers.Olmo2ForCausalLM(cfg).eval(), cfg
+
+
 def _decode_step(model, cfg, backend, prompt, next_ids):
     """Prefill eagerly into a fresh StaticCache, then one compiled decode step; (logits, caches)."""
     cache = transformers.StaticCache(config=cfg, max_cache_len=16)
@@ -138,8 +146,9 @@ def _decode_step(model, cfg, backend, prompt, next_ids):
     return logits, tensors
 
 
-def test_hf_static_cache_decode_fuses_the_write_per_layer():
-    model, cfg = _tiny_qwen3()
+@pytest.mark.parametrize("build", [_tiny_qwen3, _tiny_olmo2], ids=["qwen3", "olmo2"])
+def test_hf_static_cache_decode_fuses_the_write_per_layer(build):
+    model, cfg = build()
     prompt, next_ids = torch.randint(0, 128, (2, 5)), torch.randint(0, 128, (2, 1))
     ref_logits, ref_caches = _decode_step(copy.deepcopy(model), cfg, "inductor", prompt, next_ids)
     eager_logits, _ = _decode_step(copy.deepcopy(model), cfg, None, prompt, next_ids)
