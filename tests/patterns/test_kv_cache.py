@@ -21,13 +21,18 @@ from tests.patterns.test_norm_rope_negative import llama_norm, rope
 HIDDEN, HQ, HK, D, L = 32, 4, 2, 16, 12
 
 
-def step(h, k_cache, v_cache, pos, cos, sin, wq, wk, wv, qw, kw, *, spelling="index_copy", return_k=False):
+def qkv(h, cos, sin, wq, wk, wv, qw, kw):
+    """q and k normalised and rotated, and v, as [B, H, S, D] (Qwen3 attention)."""
     B, S, _ = h.shape
     q = llama_norm((h @ wq).view(B, S, HQ, D), qw).transpose(1, 2)
     k = llama_norm((h @ wk).view(B, S, HK, D), kw).transpose(1, 2)
     v = (h @ wv).view(B, S, HK, D).transpose(1, 2)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    q, k = rope(q, c, s), rope(k, c, s)
+    return rope(q, c, s), rope(k, c, s), v
+
+
+def step(h, k_cache, v_cache, pos, cos, sin, wq, wk, wv, qw, kw, *, spelling="index_copy", return_k=False):
+    q, k, v = qkv(h, cos, sin, wq, wk, wv, qw, kw)
     if spelling == "index_copy":  # HF StaticLayer.update
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
@@ -87,12 +92,7 @@ def test_a_full_sliding_window_keeps_its_write_with_inductor_and_explain_says_wh
     left to Inductor, the sites still fused, and the k site's record says why."""
 
     def rolled_step(h, k_cache, v_cache, pos, cos, sin, wq, wk, wv, qw, kw):
-        B, S, _ = h.shape
-        q = llama_norm((h @ wq).view(B, S, HQ, D), qw).transpose(1, 2)
-        k = llama_norm((h @ wk).view(B, S, HK, D), kw).transpose(1, 2)
-        v = (h @ wv).view(B, S, HK, D).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = rope(q, c, s), rope(k, c, s)
+        q, k, v = qkv(h, cos, sin, wq, wk, wv, qw, kw)
         index = torch.tensor([-1])  # as StaticSlidingWindowLayer.update writes it
         for cache, new in ((k_cache, k), (v_cache, v)):
             rolled = cache.roll(-1, dims=-2)
