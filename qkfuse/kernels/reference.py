@@ -35,7 +35,8 @@ def norm_rope_reference(
     if recipe.norm == "rms":
         xf = x.to(torch.float32)
         hd = recipe.norm_heads_dim
-        ms = xf.pow(2).mean((hd, -1) if hd else -1, keepdim=True)
+        dims = (hd, -1) if hd else -1
+        ms = xf.pow(2).sum(dims, keepdim=True) if recipe.norm_sum else xf.pow(2).mean(dims, keepdim=True)
         eps_v = eps.to(torch.float32) if isinstance(eps, torch.Tensor) else eps
         n = xf * torch.rsqrt(ms + eps_v)
         if weight is None:

@@ -118,7 +118,8 @@ def _norm_rope_tile(
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
-    POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -176,9 +177,15 @@ def _norm_rope_tile(
                 ss += tl.sum(pc * pc, axis=2)
         # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
         if ACROSS:  # one mean over all heads of a token (masked heads added zeros)
-            r = tl.math.rsqrt(tl.sum(ss, axis=1) / (n_heads * HEAD_DIM) + tl.cast(eps, tl.float32))[:, None, None]
+            ss = tl.sum(ss, axis=1)[:, None]
+        # the mean of the squares, or their sum (NORM_SUM: an L2 norm)
+        if NORM_SUM:
+            ms = ss
+        elif ACROSS:
+            ms = ss / (n_heads * HEAD_DIM)
         else:
-            r = tl.math.rsqrt(ss / HEAD_DIM + tl.cast(eps, tl.float32))[:, :, None]
+            ms = ss / HEAD_DIM
+        r = tl.math.rsqrt(ms + tl.cast(eps, tl.float32))[:, :, None]
 
     # ---- rotated part: norm, RoPE, store --------------------------------------------------
     out_ty = o_ptr.dtype.element_ty
@@ -314,7 +321,7 @@ def qk_norm_rope_kernel(
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_K: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, V_POS_AXIS: tl.constexpr, HAS_V: tl.constexpr,
-    D_PAD: tl.constexpr, ACROSS: tl.constexpr,
+    D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
@@ -346,7 +353,7 @@ def qk_norm_rope_kernel(
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, BLOCK_T, BLOCK_HK,
+                X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
@@ -354,7 +361,7 @@ def qk_norm_rope_kernel(
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
-            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, BLOCK_T, BLOCK_H,
+            X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
         )
 
 
@@ -762,6 +769,7 @@ def launch(
         HAS_V=cache is not None and cache.v is not None,
         D_PAD=_next_pow2(head_dim),
         ACROSS=across,
+        NORM_SUM=bool(recipe.norm_sum),
         BLOCK_T=config.block_t,
         BLOCK_H=block_h,
         BLOCK_HK=block_hk,

@@ -8,7 +8,8 @@ graph's numerics instead of "something close":
     n  = float(x) * rsqrt(mean(float(x)^2, -1) + eps)            # float32
                  (norm_heads_dim = h < 0: the mean is over x's dims (h, -1), the
                  heads and head_dim, as a norm across heads on the flat projection;
-                 the weight is then [heads * head_dim], head-major)
+                 the weight is then [heads * head_dim], head-major; norm_sum: sum, not
+                 mean, an L2 norm)
     if weight:   w' = float(w) + weight_offset                   # float32 ((1+w) for Gemma)
                  n  = round(n, X) if cast_before_weight           # Llama/Qwen3: cast, then multiply
                  y  = round(n * w', norm_dtype)
@@ -47,6 +48,8 @@ class Recipe:
     # 0: the norm is per head (over head_dim). h < 0: across heads, over dims (h, -1) of the op's
     # input, whose dim h holds the heads (OLMo2's q_norm on [B, S, H*D] before the head view).
     norm_heads_dim: int = 0
+    # True: n = x * rsqrt(sum(x^2) + eps), an L2 norm onto the unit sphere (nGPT / Dory), not the RMS
+    norm_sum: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -60,6 +63,7 @@ class Recipe:
             int(self.rotary_dim),
             bool(self.interleaved),
             int(self.norm_heads_dim),
+            bool(self.norm_sum),
         )
 
     @classmethod
@@ -69,7 +73,7 @@ class Recipe:
     def describe(self) -> str:
         parts = []
         if self.norm == "rms":
-            kind = "rms(1+w)" if self.weight_offset else "rms"
+            kind = ("l2" if self.norm_sum else "rms") + ("(1+w)" if self.weight_offset else "")
             kind += " across heads" if self.norm_heads_dim else ""
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
         if self.rotary_dim:
@@ -127,6 +131,8 @@ def check_recipe(recipe: Recipe) -> None:
                          f"got {recipe.norm_heads_dim}")
     if recipe.norm_heads_dim and recipe.norm != "rms":
         raise ValueError("qkfuse: norm_heads_dim is set but norm='none'")
+    if recipe.norm_sum and recipe.norm != "rms":
+        raise ValueError("qkfuse: norm_sum is set but norm='none'")
 
 
 def check_tensor(t, name: str, device, dtypes=FLOAT_DTYPES) -> None:

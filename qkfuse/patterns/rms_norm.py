@@ -5,7 +5,8 @@
     [convert] ∘ weight-mul ∘ [convert] ∘ (x * rsqrt(mean(x^2, -1) + eps))   with x upcast to f32
 
 accepting the Llama/Qwen3 body (cast before the weight), the OLMo2/``torch.rms_norm`` body (cast
-after), Gemma's ``(1 + w)``, no weight, ``pow(v, -0.5)``, ``x*x``, eps as a float or a 0-d tensor.
+after), Gemma's ``(1 + w)``, no weight, ``pow(v, -0.5)``, ``x*x``, eps as a float or a 0-d tensor,
+and ``sum`` for the mean (an L2 norm onto the unit sphere: nGPT, Dory).
 Refused with the reason: a norm over another dim, a variance not in float32, ``(1 + w)`` rounded to
 16 bits, a weight that is not ``[D]``, a value rounded twice.
 """
@@ -32,15 +33,17 @@ class NormMatch:
     norm_dtype: torch.dtype
     interior: list[Node]
     leaves: list[Node]  # weight-side nodes that become dead with the chain (converts, 1+w)
+    norm_sum: bool = False  # rsqrt(sum(x^2) + eps): an L2 norm (nGPT / Dory)
 
     def recipe_part(self) -> dict:
         """The norm fields of the Recipe."""
         return dict(norm="rms", weight_offset=self.weight_offset, cast_before_weight=self.cast_before_weight,
-                    norm_dtype=self.norm_dtype)
+                    norm_dtype=self.norm_dtype, norm_sum=self.norm_sum)
 
 
 def _normalized(n: Node):
-    """(x, eps, nodes, eps_expr) for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)``, xf = float(x).
+    """(x, eps, nodes, eps_expr, is_sum) for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)``, xf = float(x),
+    or with ``sum`` for the mean (an L2 norm: is_sum).
 
     eps is a float or the 0-d tensor node it comes from; eps_expr is the add's operand (a convert
     of that tensor, which joins the leaves)."""
@@ -55,10 +58,10 @@ def _normalized(n: Node):
         add = canon.binary(v, aten.add)
         for m, e in canon.both_orders(add):
             eps = canon.scalar_or_tensor(e)
-            if eps is None or not is_op(m, aten.mean):
+            if eps is None or not is_op(m, aten.mean, aten.sum):
                 continue
             if len(m.args) < 2 or not canon.is_last_dim(m.args[1], m.args[0]):
-                raise Refused("mean is not over the last dim")
+                raise Refused(f"{'sum' if is_op(m, aten.sum) else 'mean'} is not over the last dim")
             keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
             if not keep:
                 continue
@@ -78,7 +81,7 @@ def _normalized(n: Node):
                 while c is not None and c is not x:
                     nodes.append(c)
                     c = c.args[0] if canon.is_copy(c) else None
-            return x, eps, nodes, e
+            return x, eps, nodes, e, is_op(m, aten.sum)
     return None
 
 
@@ -132,9 +135,9 @@ def match_rms_norm(y: Node) -> NormMatch:
     node, final_convs = canon.strip_converts(y)
     r = _normalized(node)
     if r is not None:
-        x, eps, nodes, e = r
+        x, eps, nodes, e, is_sum = r
         return _finish_norm(x, None, 0.0, False, eps, e, _rounding(torch.float32, final_convs),
-                            [*final_convs, *nodes], [])
+                            [*final_convs, *nodes], [], is_sum)
     pair = canon.binary(node, aten.mul)
     for n_expr, w_expr in canon.both_orders(pair):
         if not isinstance(n_expr, Node) or not isinstance(w_expr, Node):
@@ -143,7 +146,7 @@ def match_rms_norm(y: Node) -> NormMatch:
         r = _normalized(n_src)
         if r is None:
             continue
-        x, eps, nodes, e = r
+        x, eps, nodes, e, is_sum = r
         w = _weight(w_expr)
         if w is None:
             raise Refused("weight is not a 1-D tensor (per-head norm weight)")
@@ -161,7 +164,7 @@ def match_rms_norm(y: Node) -> NormMatch:
         if prod not in (torch.float32, torch.float16, torch.bfloat16):
             raise Refused(f"weight product in {prod}")
         return _finish_norm(x, weight, offset, cast_before, eps, e, _rounding(prod, final_convs),
-                            [*final_convs, node, *n_convs, *nodes], leaves)
+                            [*final_convs, node, *n_convs, *nodes], leaves, is_sum)
     if is_op(y, aten.cat):
         raise Refused("RoPE input is a concatenation (e.g. text and image tokens), not one norm output")
     other = other_norm_kind(y)
@@ -196,11 +199,12 @@ def other_norm_kind(y: Node, depth: int = 8) -> str | None:
     return None
 
 
-def _finish_norm(x, weight, offset, cast_before, eps, eps_expr, norm_dtype, interior, leaves) -> NormMatch:
+def _finish_norm(x, weight, offset, cast_before, eps, eps_expr, norm_dtype, interior, leaves,
+                 norm_sum=False) -> NormMatch:
     if tensor_val(x) is None:
         raise Refused("norm input has no tensor metadata")
     if weight is not None and not canon.same_int(tensor_val(weight).shape[0], tensor_val(x).shape[-1]):
         raise Refused(f"weight shape {tuple(tensor_val(weight).shape)} != [head_dim]")
     if isinstance(eps_expr, Node) and eps_expr is not eps:
         leaves = [*leaves, eps_expr]
-    return NormMatch(x, weight, offset, cast_before, eps, norm_dtype, interior, leaves)
+    return NormMatch(x, weight, offset, cast_before, eps, norm_dtype, interior, leaves, norm_sum)

@@ -170,6 +170,7 @@ def cases(draw) -> Case:
     out_dtype = draw(st.sampled_from((rope_dtype, dtype)))
     layout = draw(st.sampled_from(LAYOUTS))
     across = norm == "rms" and draw(st.sampled_from((False, False, True)))
+    norm_sum = norm == "rms" and draw(st.sampled_from((False, False, False, True)))  # an L2 norm
     recipe = Recipe(
         norm=norm,
         weight_offset=draw(st.sampled_from((0.0, 1.0))) if has_weight else 0.0,
@@ -180,6 +181,7 @@ def cases(draw) -> Case:
         rotary_dim=rd,
         interleaved=draw(st.booleans()) if rd else False,
         norm_heads_dim=HEADS_DIM[layout] if across else 0,
+        norm_sum=norm_sum,
     )
     q_heads = draw(st.integers(1, 4))
     k_heads = draw(st.sampled_from([0] + [h for h in range(1, q_heads + 1) if q_heads % h == 0]))
@@ -354,6 +356,23 @@ def test_interpreted_kernel_matches_reference(interp, c: Case):
     # the kernel only writes its outputs
     after = [t for t in (q, k, qw, kw, cos, sin) if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(inputs, after))
+
+
+@pytest.mark.parametrize("across", [False, True])
+@pytest.mark.parametrize("rope", ["neox", "partial"])
+def test_l2_norm(interp, across, rope):
+    """norm_sum: x * rsqrt(sum(x^2) + eps) (nGPT / Dory), per head and across heads."""
+    rd = 32 if rope == "neox" else 16
+    recipe = Recipe(norm="rms", rotary_dim=rd, norm_sum=True, norm_heads_dim=-3 if across else 0)
+    c = Case(dtype=torch.float32, head_dim=32, recipe=recipe, has_weight=True, weight_dtype=torch.float32,
+             cos_dtype=torch.float32, layout="bhsd", cos_per_batch=False, batch=2, seq=3, q_heads=3, k_heads=1,
+             q_eps=1e-6, k_eps=0.5, scale=1.0, config=None, seed=9, across=across)
+    q, k, qw, kw, cos, sin = make_inputs(c)
+    q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, recipe)
+    _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+    _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+    mean = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(recipe, norm_sum=False))
+    assert (mean - q_out).abs().max() > 0.1  # the RMS is another function (sqrt(head_dim) apart)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

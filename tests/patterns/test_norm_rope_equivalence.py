@@ -28,7 +28,7 @@ from tests.graph_harness import run_pass, scale_error
 # dev (400) gets 2000. Read from the loaded profile, so --hypothesis-profile=dev counts too.
 N_EXAMPLES = max(220, 5 * settings.default.max_examples)
 
-BODIES = ["llama", "olmo", "gemma", "torch", "noweight"]
+BODIES = ["llama", "olmo", "gemma", "torch", "noweight", "l2"]
 LAYOUTS = ["norm_then_transpose", "transpose_then_norm", "no_transpose"]
 
 
@@ -112,6 +112,8 @@ class QKBlock(torch.nn.Module):
             w1 = 1.0 + w.to(up)
             return (out * w1 if s.weight_first else w1 * out).type_as(x)
         x = x.to(up)
+        if s.body == "l2":  # nGPT / Dory: onto the unit sphere (a sum of squares), no weight
+            return (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)).to(dt)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         if s.body == "noweight":
             return x.to(dt)

@@ -203,14 +203,14 @@ def _layer_norm_cohere(x, w, eps=1e-5):  # CohereLayerNorm: float32 mean and var
     return (w.to(torch.float32) * x).to(dt)
 
 
-def _l2_norm(x, w, eps=1e-6):  # nGPT / Dory: onto the unit sphere (a sum, not a mean)
-    return (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps)).type_as(x)
+def _l2_norm_clamped(x, w, eps=1e-6):  # ZAYA: x * (sqrt(D) / max(||x||, eps)): a division, not rsqrt
+    return x * (x.shape[-1] ** 0.5 / x.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
 
 
 @pytest.mark.parametrize("norm,kind", [
     (lambda x, w: torch.nn.functional.layer_norm(x, (D,), w), "a LayerNorm feeds this RoPE"),
     (_layer_norm_cohere, "a LayerNorm (x - mean(x)) feeds this RoPE"),
-    (_l2_norm, "an L2 norm (x scaled by 1 / ||x||) feeds this RoPE"),
+    (_l2_norm_clamped, "an L2 norm (x scaled by 1 / ||x||) feeds this RoPE"),
 ], ids=["layer_norm", "cohere", "l2"])
 def test_other_norms_are_named_in_the_refusal(norm, kind):
     """A q/k norm that is not an RMSNorm is left to Inductor, and explain says which norm it is."""
