@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # 1. GPU tests: decode codegen, functional API, compile modes (reduce-overhead / max-autotune: issue 8.3),
 #    and the Triton kernel's interpreter tests (the across-heads mode) next to the compiled kernel.
-timeout 300 python -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
+timeout 300 python -m pytest -q -m gpu tests/gpu -p no:cacheprovider -k "not fuzz_error" 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
 # 2. The norm-across-heads kernel against Inductor (OLMo2 / OLMoE / MiniMax-M2 shapes): decides
 #    whether kernels="auto" may fuse these sites on CUDA (qkfuse/kernels/policy.py, ACROSS_UNMEASURED).
 timeout 240 python benchmarks/bench_qk_norm_rope.py --shapes across --no-flashinfer --tag across 2>&1 | tail -20 \
