@@ -9,8 +9,8 @@ export TRITON_DEFAULT_FP_FUSION=1 QKFUSE_STRICT=1
 pip install -q -e . --no-deps >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# 1. GPU tests: decode codegen, functional API, compile modes (reduce-overhead / max-autotune: issue 8.3),
-#    and the Triton kernel's interpreter tests (the across-heads mode) next to the compiled kernel.
+# 1. GPU tests: decode codegen, functional API (the across-heads kernel included), compile modes
+#    (reduce-overhead / max-autotune: issue 8.3). The long CUDA bad-input fuzz is left out (it ran before).
 timeout 300 python -m pytest -q -m gpu tests/gpu -p no:cacheprovider -k "not fuzz_error" 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
 # 2. The norm-across-heads kernel against Inductor (OLMo2 / OLMoE / MiniMax-M2 shapes): decides
 #    whether kernels="auto" may fuse these sites on CUDA (qkfuse/kernels/policy.py, ACROSS_UNMEASURED).
