@@ -42,6 +42,18 @@ def _scale(x, r, w, CAST_BEFORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, X_CODE:
 
 
 @triton.jit
+def _weight(w_ptr, w_row, w_ok, cols, n_cols, WEIGHT_OFFSET: tl.constexpr, ACROSS: tl.constexpr):
+    """The weight (+ offset, float32) at `cols` as [rows, cols]: one row that every head shares
+    (per-head norm), or each head's own slice of a [heads * head_dim] weight (ACROSS: head h's row
+    starts at w_row[h], w_ok masks the padded heads)."""
+    if ACROSS:
+        w = tl.load(w_ptr + w_row + cols[None, :], mask=w_ok & (cols < n_cols)[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)[None, :]
+    return w.to(tl.float32) + WEIGHT_OFFSET
+
+
+@triton.jit
 def _rope_pair(a, b, ca, sa, cb, sb, R_CODE: tl.constexpr):
     oa = _round(_round(a * ca, R_CODE) + _round(-b * sa, R_CODE), R_CODE)
     ob = _round(_round(b * cb, R_CODE) + _round(a * sb, R_CODE), R_CODE)
@@ -191,47 +203,19 @@ def _norm_rope_tile(
     out_ty = o_ptr.dtype.element_ty
     if ROT_DIM > 0:
         if NORM:
-            if INTERLEAVED:
-                wr = tl.arange(0, 2 * HALF_PAD)
-                if ACROSS:
-                    if HAS_WEIGHT:
-                        w = tl.load(w_ptr + w_row + wr[None, :], mask=w_ok & (wr < ROT_DIM)[None, :],
-                                    other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                    else:
-                        w = tl.zeros([BLOCK_H, 2 * HALF_PAD], dtype=tl.float32)
-                    wa, wb = tl.split(tl.reshape(w, [BLOCK_H, HALF_PAD, 2]))
-                    wa = wa[None, :, :]
-                    wb = wb[None, :, :]
+            if HAS_WEIGHT:
+                if INTERLEAVED:
+                    w = _weight(w_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, WEIGHT_OFFSET, ACROSS)
+                    wa, wb = tl.split(tl.reshape(w, [w.shape[0], HALF_PAD, 2]))
                 else:
-                    if HAS_WEIGHT:
-                        w = tl.load(w_ptr + wr, mask=wr < ROT_DIM, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                    else:
-                        w = tl.zeros([2 * HALF_PAD], dtype=tl.float32)
-                    wa, wb = tl.split(tl.reshape(w, [HALF_PAD, 2]))
-                    wa = wa[None, None, :]
-                    wb = wb[None, None, :]
-            else:
-                wh = tl.arange(0, HALF_PAD)
-                if ACROSS:
-                    if HAS_WEIGHT:
-                        wm = w_ok & (wh < HALF)[None, :]
-                        wa = tl.load(w_ptr + w_row + wh[None, :], mask=wm, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                        wb = tl.load(w_ptr + w_row + HALF + wh[None, :], mask=wm,
-                                     other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                    else:
-                        wa = tl.zeros([BLOCK_H, HALF_PAD], dtype=tl.float32)
-                        wb = wa
-                    wa = wa[None, :, :]
-                    wb = wb[None, :, :]
-                else:
-                    if HAS_WEIGHT:
-                        wa = tl.load(w_ptr + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                        wb = tl.load(w_ptr + HALF + wh, mask=wh < HALF, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                    else:
-                        wa = tl.zeros([HALF_PAD], dtype=tl.float32)
-                        wb = wa
-                    wa = wa[None, None, :]
-                    wb = wb[None, None, :]
+                    wh = tl.arange(0, HALF_PAD)
+                    wa = _weight(w_ptr, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, ACROSS)
+                    wb = _weight(w_ptr + HALF, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, ACROSS)
+                wa = wa[None, :, :]
+                wb = wb[None, :, :]
+            else:  # (unused: _scale applies no weight)
+                wa = 0.0
+                wb = 0.0
             a = _scale(a, r, wa, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
             b = _scale(b, r, wb, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
         if ROPE_CACHE:
@@ -286,20 +270,11 @@ def _norm_rope_tile(
             pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc, mask=mt, other=0.0,
                          eviction_policy="evict_first").to(tl.float32)
         if NORM:
-            wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
-            if ACROSS:
-                if HAS_WEIGHT:
-                    wt = tl.load(w_ptr + w_row + ROT_DIM + wt_idx[None, :], mask=w_ok & (wt_idx < TAIL)[None, :],
-                                 other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                else:
-                    wt = tl.zeros([BLOCK_H, TAIL_CHUNK], dtype=tl.float32)
-                wt = wt[None, :, :]
-            else:
-                if HAS_WEIGHT:
-                    wt = tl.load(w_ptr + ROT_DIM + wt_idx, mask=wt_idx < TAIL, other=0.0).to(tl.float32) + WEIGHT_OFFSET
-                else:
-                    wt = tl.zeros([TAIL_CHUNK], dtype=tl.float32)
-                wt = wt[None, None, :]
+            if HAS_WEIGHT:
+                wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
+                wt = _weight(w_ptr + ROT_DIM, w_row, w_ok, wt_idx, TAIL, WEIGHT_OFFSET, ACROSS)[None, :, :]
+            else:  # (unused: _scale applies no weight)
+                wt = 0.0
             pc = _scale(pc, r, wt, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
         tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty),
                  mask=store_mask & (dc + i * TAIL_CHUNK < TAIL))
