@@ -50,6 +50,12 @@ class PassRun:
         return sum(1 for n in nodes if "qkfuse" not in n.meta and target_name in str(n.target))
 
 
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of gm's graph on the same attributes: the pass rewrites gm's graph only, and
+    deep-copying a graph's constant tensors can fail (e.g. Gemma3's, or a torch.tensor([-1]) index)."""
+    return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
 def _prepare(gm: torch.fx.GraphModule) -> None:
     """What compile_fx / post_grad_passes do before post_grad_custom_pre_pass (inference)."""
     from torch._inductor.fx_passes.post_grad import reorder_for_locality
@@ -68,7 +74,7 @@ def run_pass(fn, *args, dynamic: bool = False, options: Options | None = None) -
 
     def inner(gm, example_inputs, **kwargs):
         _prepare(gm)
-        original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # (its constants shared: see below)
+        original = _copy_graph(gm)
         records = fuse.run(gm.graph, options)
         gm.graph.lint()
         gm.recompile()
@@ -158,9 +164,7 @@ def cuda_pass_runs(fn, *args, options: Options | None = None, fullgraph: bool = 
 
     def inner(gm, example_inputs, **kwargs):
         _prepare(gm)
-        # what runs (on CPU), so that the compile completes: a copy of the graph on the same
-        # attributes (deep-copying a graph's constant tensors can fail, e.g. Gemma3's)
-        original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        original = _copy_graph(gm)  # what runs (on CPU), so that the compile completes
         mode = _as_fake_cuda(gm)
         from torch._guards import TracingContext
 

@@ -76,7 +76,7 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
         return None, f"triton kernel: {reason}"
     if recipe.norm_heads_dim and preference == "auto":
         # Fuse only where it is measured to win: this grid (a program per token holding all heads)
-        # has no GPU benchmark against Inductor yet (benchmarks/bench_qk_norm_rope.py --across).
+        # has no GPU benchmark against Inductor yet (benchmarks/bench_qk_norm_rope.py --shapes across).
         return None, (f"{ACROSS_UNMEASURED}; site left to Inductor "
                       "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):

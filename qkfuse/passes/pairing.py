@@ -27,10 +27,12 @@ def call_inputs(group: tuple[Site, ...], extra=()) -> set:
     return {n for s in group for n in s.input_nodes()} | set(extra)
 
 
-def early_users(group: tuple[Site, ...], order: dict, extra=()) -> list | None:
+def early_users(group: tuple[Site, ...], order: dict, inputs: set | None = None) -> list | None:
     """The nodes computed from the group's outputs that come before its latest input (in graph
-    order; they move behind the fused call), or None if an input is among them (a cycle)."""
-    inputs = call_inputs(group, extra)
+    order; they move behind the fused call), or None if an input is among them (a cycle).
+    `inputs`: call_inputs of the group (by default without the call's own arguments)."""
+    if inputs is None:
+        inputs = call_inputs(group)
     latest = max((order[n] for n in inputs), default=-1)
     seen: set = set()
     stack = [u for s in group for u in s.output_users()]

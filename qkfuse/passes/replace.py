@@ -24,7 +24,7 @@ def replace_group(graph: torch.fx.Graph, group: tuple[Site, ...], kernel: str, o
     `order`: the graph's current node order."""
     fn, args = launcher(kernel, group)
     inputs = call_inputs(group, args)
-    movers = early_users(group, order, args)
+    movers = early_users(group, order, inputs)
     if movers is None:
         raise RuntimeError("qkfuse: one call for these sites would be a cycle")
     gm = splice.trace(fn, [a.meta["val"] for a in args])
