@@ -55,43 +55,36 @@ def _rotated_part_of_a_norm(y: Node) -> str | None:
             "the leading rotary_dim dims (the kernels would need a rotary offset)")
 
 
-def _across_heads(r: rope.RopeMatch, rows: canon.RowViews) -> Site | None:
-    """The site when the RoPE's rows are a head view of one RMSNorm over all heads (OLMo2's q_norm
-    on the flat projection, then ``view(B, S, H, D)``), else None."""
+def _norm_of(rows: canon.RowViews):
+    """(norm, its views to the RoPE's rows, head view) of the RMSNorm whose output the RoPE's rows are:
+    per head (head view None), or across heads when those rows are a head view ``view(..., H, D)`` of
+    one norm over the flat projection (OLMo2's q_norm; head view = (H, D)). Raises Refused."""
     split = canon.last_dim_split_source(rows.src)
-    if split is None:
-        return None
-    flat, heads, head_dim = split
-    try:
-        norm = rms_norm.match_rms_norm(flat)
-    except Refused:
-        return None
-    require_static_head_dim(norm.x)
-    n = len(rows.perm)  # the heads are dim n - 2 of the head view; perm moves them
-    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=rows.perm.index(n - 2) - n)
-    interior = [*r.interior, *rows.nodes, rows.src, *norm.interior]
-    check_interior(interior, r.anchor)
-    return Site(FAMILY, r.anchor, norm.x, rows.perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
-                norm.leaves, split=(heads, head_dim))
+    if split is not None:
+        flat, heads, head_dim = split
+        try:
+            return rms_norm.match_rms_norm(flat), [*rows.nodes, rows.src], (heads, head_dim)
+        except Refused:
+            pass
+    return rms_norm.match_rms_norm(rows.src), rows.nodes, None
 
 
 def match_site(add: Node) -> Site:
     """Read one RoPE output as a norm_rope site; raises Refused."""
     r = rope.match_rope(add)
     rows = _rows_of(r.src)
-    across = _across_heads(r, rows)
-    if across is not None:
-        return across
     try:
-        norm = rms_norm.match_rms_norm(rows.src)
+        norm, views, head_view = _norm_of(rows)
     except Refused as e:
         raise Refused(_rotated_part_of_a_norm(rows.src) or str(e), wrong_kind=True) from None
     require_static_head_dim(norm.x)
-    recipe = Recipe(**norm.recipe_part(), **r.recipe_part())
-    interior = [*r.interior, *rows.nodes, *norm.interior]
+    n = len(rows.perm)  # across heads: the heads are dim n - 2 of the head view; perm moves them
+    heads_dim = rows.perm.index(n - 2) - n if head_view is not None else 0
+    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=heads_dim)
+    interior = [*r.interior, *views, *norm.interior]
     check_interior(interior, r.anchor)
     return Site(FAMILY, r.anchor, norm.x, rows.perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
-                norm.leaves)
+                norm.leaves, split=head_view)
 
 
 class NormRope:
@@ -112,9 +105,8 @@ class RopeOnly(NormRope):
         r = rope.match_rope(candidate)
         rows = _rows_of(r.src)
         y = rows.src
-        split = canon.last_dim_split_source(y)
         try:
-            rms_norm.match_rms_norm(y if split is None else split[0])  # per head, or across heads
+            _norm_of(rows)  # per head, or across heads
         except Refused:
             pass
         else:
