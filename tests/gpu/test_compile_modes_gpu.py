@@ -17,8 +17,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import qkfuse  # noqa: F401  (registers the "qkfuse" backend)
+import qkfuse
 from tests.gpu.test_decode_codegen_gpu import HK, L, D, inputs, site, site_with_cache
+
+# The device runs a source checkout, without the installed entry point that registers the
+# "qkfuse" name HF's CompileConfig(backend="qkfuse") looks up.
+qkfuse.register()
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,13 +36,14 @@ def recordings(monkeypatch):
     from torch._inductor import cudagraph_trees
 
     calls = []
-    original = cudagraph_trees.CUDATreeManager.record_function
+    manager = cudagraph_trees.CUDAGraphTreeManager
+    original = manager.record_function
 
     def record(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cudagraph_trees.CUDATreeManager, "record_function", record)
+    monkeypatch.setattr(manager, "record_function", record)
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     torch._dynamo.reset()
