@@ -1,7 +1,8 @@
 """Whole models under torch.compile: backend="inductor" vs backend="qkfuse" (issue 6: never slower).
 
     python benchmarks/bench_models.py [--models qwen3,gemma3,flux] [--cases prefill,generate,...]
-        [--layers N] [--shapes 1x4096,8x512,1x32768] [--batches 1,16,64] [--rounds 5] [--new-tokens 64]
+        [--layers N] [--shapes 1x4096,8x512,1x32768] [--batches 1,16,64] [--rounds 5] [--graph-rounds 30]
+        [--new-tokens 64]
         [--quick] [--tiny] [--out DIR] [--tag NAME] [--plan] [--budget SECONDS]
     python benchmarks/bench_models.py --render a.json [b.json ...] [--tag NAME]   # merge runs, redraw md/png
 
@@ -16,10 +17,20 @@ Models, built from configs with random weights (nothing is downloaded), bf16 on 
   [B,S,H,D], diffusers' interleaved RoPE with float32 cos/sin [S,D], SDPA, GELU MLP, adaLN). Prefill only.
 
 Cases (each builds backend="inductor" and backend="qkfuse" in one process, warms both, then times
-them alternating, order reversed every round (A B, B A, ...); medians; speed-up = inductor / qkfuse):
+them alternating, order reversed every round (A B, B A, ...); medians; speed-up = inductor / qkfuse;
+every row also has the paired ratio: per round, that round's inductor / its qkfuse (the two ran back to
+back, so clock drift between rounds cancels), its median, 25-75% range, min-max and round count):
 - prefill: torch.compile(model, dynamic=False) forward at each --shapes BxS; causal LMs run with
   use_cache=False and logits_to_keep=1 (the last position's logits only, as generate's prefill does;
-  full logits at 32k tokens would be 10 GB). ms per forward.
+  full logits at 32k tokens would be 10 GB). Wall ms per forward from Python (what a user sees). On
+  CUDA each shape also makes a prefill_graph row from the same compile.
+- prefill_graph: device time of the same compiled prefill forward (static inputs), captured per
+  backend in a torch.cuda.CUDAGraph; replays in bursts of about 50 ms (1-20 replays), alternating
+  A B B A A B ... with no host sync between bursts (the GPU runs them back to back; CUDA events between
+  bursts), up to --graph-rounds rounds filling about 6 s: drift hits both alike. ms per replay. Where
+  capture or replay fails, the row holds the wall-clock numbers (unit "ms (wall)") and says why. As a
+  case of its own (--cases prefill_graph) it skips the wall-clock rounds: one compile per backend per
+  shape, then device time and the profile only.
 - generate: model.generate(ids, cache_implementation="static", compile_config=CompileConfig(backend=b))
   (HF compiles the decode step itself, mode="reduce-overhead" = CUDA graphs; fullgraph and dynamic at
   HF's defaults); prompt --prompt tokens, batch --batches. ms/token = (t(N) - t(N/4)) / (N - N/4) with
@@ -39,7 +50,7 @@ them alternating, order reversed every round (A B, B A, ...); medians; speed-up 
 
 Also reported: agreement (max |out - eager| / max |eager|: last-token logits of prefill, logits of
 one decode step) with a sanity flag (not an assertion), qkfuse's fused-site count (q and k count
-apart), and for prefill and decode_graph on CUDA the ceiling, from torch.profiler kernel times of one
+apart), and for prefill_graph and decode_graph on CUDA the ceiling, from torch.profiler kernel times of one
 compiled step per backend. The q/k norm + RoPE subgraph under Inductor = its kernels named
 triton_{poi,red,per}_fused_<ops> whose ops hold "neg" with "rsqrt", "cat" or "stack" (RoPE's
 rotate_half / interleaved rotation: nothing else in these models negates) + the RMSNorm-reduction
@@ -55,17 +66,19 @@ Robustness: results (JSON, md, png) are rewritten after every row (one shape or 
 run killed at a time limit keeps what finished; each row and each case catches its own exception
 (recorded, the rest goes on); GPU memory and Dynamo state are freed between cases and models.
 
-Time: compiling dominates: every row compiles both backends once (no reuse across shapes or batch
-sizes: static shapes), a full 36-layer Qwen3 at roughly a minute each (COMPILE_S: estimates, not yet
-measured on the H200). The whole default run is ~45 min, so split it; with --budget 500 a row whose
-estimate no longer fits is skipped (recorded) instead of being killed. Estimated (--plan):
-    --models qwen3 --cases prefill,fn64 --shapes 1x4096,8x512         ~5.5 min
+Time: compiling dominates: every shape or batch size compiles both backends once (no reuse across
+them: static shapes; a prefill shape's two rows share one compile), a full 36-layer Qwen3 at about
+50 s each (COMPILE_S: fitted to the 8-layer H200 compiles, the slope per layer from CPU). The whole
+default run is ~35 min, so split it; with --budget 500 a row whose estimate no longer fits is skipped
+(recorded) instead of being killed. Estimated (--plan):
+    --models qwen3 --cases prefill,fn64 --shapes 1x4096,8x512         ~5 min
     --models qwen3 --cases prefill,decode_eager --shapes 1x32768       ~6.5 min
-    --models qwen3 --cases generate                                    ~8 min
-    --models qwen3 --cases decode_graph                                ~7.5 min
-    --models gemma3,flux --cases prefill                               ~7 min
-    --models gemma3 --cases generate,decode_eager                      ~6.5 min
-    --models gemma3 --cases decode_graph                               ~4.5 min
+    --models qwen3 --cases generate                                    ~6.5 min
+    --models qwen3 --cases decode_graph                                ~6 min
+    --models qwen3 --cases prefill_graph --shapes 1x4096,8x512         ~4.5 min
+    --models gemma3,flux --cases prefill                               ~6 min
+    --models gemma3 --cases generate,decode_eager                      ~4 min
+    --models gemma3 --cases decode_graph                               ~3 min
 then merge: --render <tag1>.json <tag2>.json ... --tag <name>. Outputs go to --out and to $OUT when
 set. Each row's JSON records its seconds next to the estimate. --plan prints the plan, runs nothing.
 """
@@ -96,8 +109,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import qkfuse  # noqa: E402
 
 BACKENDS = ("inductor", "qkfuse")
-CASES = ("prefill", "generate", "decode_eager", "decode_graph", "fn64")
-CUDA_ONLY = {"generate": "CUDA graphs (mode=reduce-overhead)", "decode_graph": "CUDA graph capture"}
+CASES = ("prefill", "prefill_graph", "generate", "decode_eager", "decode_graph", "fn64")
+CUDA_ONLY = {"generate": "CUDA graphs (mode=reduce-overhead)", "decode_graph": "CUDA graph capture",
+             "prefill_graph": "CUDA graph capture"}
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 # max |out - eager| / max |eager| above which a row is flagged (bf16, random weights, many layers).
@@ -123,16 +137,20 @@ TINY_FLUX = dict(dim=64, heads=4, head_dim=16, blocks=2)
 MODELS = (*LMS, "flux")
 
 # Rough time model for --plan and --budget. Seconds per whole-model compile (one shape, one backend) =
-# base + per_layer * layers: Dynamo, AOT and Inductor's lowering scale with the layer count. Not measured
-# on the H200: the tiny-width models of --tiny compiled at about 0.85 s per Qwen3 layer, 1.0 per Gemma3
-# layer and 0.5 per Flux block here (CPU, Inductor's Python side, which dims do not change), plus a
-# margin for Triton compiles and autotuning. One prefill forward: tokens * layers * (linear + seq *
-# attention) seconds at Qwen3-8B's layer size, times FORWARD_SCALE (Inductor's masked SDPA at 32k
-# tokens dominates; HF materialises the causal mask under torch.compile).
-COMPILE_S = {"qwen3": (15.0, 1.4), "gemma3": (15.0, 1.6), "flux": (10.0, 0.8)}
+# base + per_layer * layers: Dynamo, AOT and Inductor's lowering scale with the layer count (Triton
+# kernels repeat across layers: compiled once). Measured on the H200 (2026-12-01, torch 2.11): a median
+# of about 15 s per backend for 8-layer Qwen3, 12 s for 6-layer Gemma3, 11 s for 8-block Flux; the
+# slope from the tiny-width Qwen3 of --tiny on CPU (Inductor's Python side, which dims do not change):
+# 13 s at 8 layers, 45 s at 36, i.e. about 1.15 s per layer; a little margin on both. One prefill
+# forward: tokens * layers * (linear + seq * attention) seconds at Qwen3-8B's layer size, times
+# FORWARD_SCALE (measured: 28 ms at 1x4096 and 640 ms at 1x32768 for 8 Qwen3 layers; HF materialises
+# the causal mask under torch.compile).
+COMPILE_S = {"qwen3": (7.0, 1.2), "gemma3": (6.0, 1.3), "flux": (4.0, 1.0)}
 TINY_COMPILE_S = 15.0
 FORWARD_S_PER_TOKEN_LAYER = (0.7e-6, 6.5e-11)
 FORWARD_SCALE = {"qwen3": 1.0, "gemma3": 1.2, "flux": 0.6}
+# prefill_graph: bursts of about GRAPH_BURST_S of replays, rounds filling about GRAPH_TOTAL_S.
+GRAPH_BURST_S, GRAPH_TOTAL_S = 0.05, 6.0
 STARTUP_S = 30.0  # imports, CUDA init, Inductor's compile workers, building a model
 
 
@@ -423,10 +441,29 @@ def agreement(outs, ref):
     return d
 
 
+def quantile(values, q):
+    """The q-quantile of values, linear between order statistics (numpy's default; any count >= 1)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def paired(raw):
+    """Per-round paired ratios inductor / qkfuse: round i's A and B ran back to back, so clock drift
+    between rounds cancels in the ratio. Median and spread (25-75% and min-max of the ratios)."""
+    ratios = [a / b for a, b in zip(raw["inductor"], raw["qkfuse"]) if b]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "p25": quantile(ratios, 0.25), "p75": quantile(ratios, 0.75),
+            "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
+
+
 def row(model, case, shape, unit, raw, **extra):
     med = {b: statistics.median(v) for b, v in raw.items()}
     r = {"model": model, "case": case, "shape": shape, "unit": unit, "median": med,
-         "speedup": med["inductor"] / med["qkfuse"], "raw": raw}
+         "speedup": med["inductor"] / med["qkfuse"], "paired": paired(raw), "raw": raw}
     r.update(extra)
     return r
 
@@ -477,31 +514,136 @@ def dit_inputs(bench, model, batch, seq):
     return x, temb, cos, sin
 
 
-def case_prefill(bench, name, model):
+def case_prefill(bench, name, model, wall=True):
+    """Per shape, one compile per backend serves two rows: "prefill" (wall clock from Python, what a
+    user sees; wall=True) and, on CUDA, "prefill_graph" (device time: the same compiled forward
+    captured in a CUDA graph per backend, replays timed with CUDA events in many short A/B rounds)."""
     is_dit = isinstance(model, FluxShapedDiT)
     forward = dit_forward if is_dit else lm_forward
     compiled = {b: torch.compile(model, backend=b, dynamic=False) for b in BACKENDS}
-    estimates = row_estimates_s(bench.args, name, "prefill", layer_count(model))
-    for (batch, seq), estimate in zip(bench.args.shape_list, estimates):
-        def one(batch=batch, seq=seq):
-            inputs = (dit_inputs(bench, model, batch, seq) if is_dit
-                      else bench.randint(model.config.vocab_size, (batch, seq)))
+    layers = layer_count(model)
+    compile_s_est = 2 * compile_estimate_s(bench.args, name, layers)
+    for batch, seq in bench.args.shape_list:
+        shape = f"{batch}x{seq}"
+        wall_est, graph_est = prefill_row_estimates_s(bench.args, name, layers, batch, seq, wall)
+        state = {}
+
+        def setup(batch=batch, seq=seq, state=state):
+            """Inputs (static: the CUDA graphs read them in place), the eager reference and each
+            backend's first call (the compile), once per shape for both rows."""
+            if state:
+                if "info" not in state:
+                    raise RuntimeError("this shape's compile failed in the prefill row (see there)")
+                return False
+            state["inputs"] = inputs = (dit_inputs(bench, model, batch, seq) if is_dit
+                                        else bench.randint(model.config.vocab_size, (batch, seq)))
             ref = forward(model, inputs)
             outs, compile_s, info = bench.first_calls({b: lambda b=b: forward(compiled[b], inputs) for b in BACKENDS})
-            agree = agreement(outs, ref)
+            state.update(compile_s=compile_s, agreement=agreement(outs, ref), info=info)
             del outs, ref
+            return True
+
+        def shared(state=state, compiled_here=True):
+            d = dict(agreement=state["agreement"], **state["info"])
+            if compiled_here:
+                d["compile_s"] = state["compile_s"]
+            else:
+                d["compile_shared_with"] = "prefill"
+            return d
+
+        def wall_clock(state=state):
+            """Wall ms per forward from Python (sync after the calls), alternating A/B rounds."""
+            inputs = state["inputs"]
             calls = bench.calls_for(min(bench.seconds_per_call(lambda: forward(compiled["inductor"], inputs), 1)
                                         for _ in range(3)))
             graphs = unique_graphs()
             raw = bench.alternate({b: lambda b=b: 1e3 * bench.seconds_per_call(lambda: forward(compiled[b], inputs),
                                                                                calls) for b in BACKENDS})
-            extra = dict(compile_s=compile_s, agreement=agree, calls_per_measurement=calls,
-                         recompiled_while_timing=recompiled_since(graphs), **info)
+            state["wall"] = dict(raw=raw, calls=calls, recompiled=recompiled_since(graphs))
+            return state["wall"]
+
+        def wall_row(shape=shape, state=state):
+            compiled_here = setup()
+            w = wall_clock()
+            return row(name, "prefill", shape, "ms", w["raw"], calls_per_measurement=w["calls"],
+                       recompiled_while_timing=w["recompiled"], timing="wall clock",
+                       **shared(compiled_here=compiled_here))
+
+        def graph_row(shape=shape, state=state):
+            compiled_here = setup()
+            inputs = state["inputs"]
+            graphs_before = unique_graphs()
+            extra = {}
+            try:
+                graphs = {b: capture(bench, lambda b=b: forward(compiled[b], inputs), lambda: None)
+                          for b in BACKENDS}
+                raw, extra = paired_replays(bench, graphs)
+                graphs.clear()  # the captured graphs hold their memory pools
+                unit, timing = "ms", "device (CUDA graph replays)"
+            except Exception as e:  # noqa: BLE001  (capture of a compiled forward can fail: use wall clock)
+                traceback.print_exc()
+                graphs = None  # a graph captured before the failure: its memory pool goes now
+                with contextlib.suppress(Exception):
+                    bench.sync()
+                free_memory()
+                w = state.get("wall") or wall_clock()
+                raw, unit, timing = w["raw"], "ms (wall)", "wall clock (fallback)"
+                extra = dict(fallback=f"CUDA graph capture or replay failed, wall clock instead: {type(e).__name__}: "
+                                      f"{str(e)[:200]}", calls_per_measurement=w["calls"])
+            recompiled = recompiled_since(graphs_before)
+            ceil = ceiling({b: bench.kernel_profile(lambda b=b: forward(compiled[b], inputs)) for b in BACKENDS})
+            return row(name, "prefill_graph", shape, unit, raw, timing=timing, ceiling=ceil,
+                       recompiled_while_timing=recompiled, **extra, **shared(compiled_here=compiled_here))
+
+        try:
+            if wall:
+                guarded(bench, name, "prefill", shape, wall_row, wall_est)
             if bench.cuda:
-                extra["ceiling"] = ceiling({b: bench.kernel_profile(lambda b=b: forward(compiled[b], inputs))
-                                            for b in BACKENDS})
-            return row(name, "prefill", f"{batch}x{seq}", "ms", raw, **extra)
-        guarded(bench, name, "prefill", f"{batch}x{seq}", one, estimate)
+                guarded(bench, name, "prefill_graph", shape, graph_row,
+                        graph_est + (0 if "info" in state else compile_s_est))
+        finally:
+            state.clear()
+
+
+def case_prefill_graph(bench, name, model):
+    case_prefill(bench, name, model, wall=False)
+
+
+def paired_replays(bench, graphs, burst_s=GRAPH_BURST_S, total_s=GRAPH_TOTAL_S):
+    """Device ms per replay of each captured graph, in short bursts alternating A B B A A B ... with no
+    host sync in between (the GPU runs them back to back, CUDA events between the bursts): clock drift
+    hits both alike, and each round's two bursts give one paired ratio. A burst is about `burst_s` of
+    replays; rounds fill about `total_s`, between 6 and --graph-rounds."""
+    for g in graphs.values():  # warm: the first replays of a fresh graph upload it
+        g.replay()
+        g.replay()
+    bench.sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for g in graphs.values():
+        g.replay()
+    end.record()
+    bench.sync()
+    one_s = start.elapsed_time(end) / 1e3 / len(graphs)
+    replays = max(1, min(20, round(burst_s / max(one_s, 1e-6))))
+    most = bench.args.graph_rounds
+    rounds = max(min(6, most), min(most, int(total_s / (2 * replays * max(one_s, 1e-6)))))
+    bursts = []  # (backend, event before, event after)
+    last = torch.cuda.Event(enable_timing=True)
+    last.record()
+    for r in range(rounds):
+        for b in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
+            for _ in range(replays):
+                graphs[b].replay()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            bursts.append((b, last, ev))
+            last = ev
+    bench.sync()
+    raw = {b: [] for b in BACKENDS}
+    for b, before, after in bursts:
+        raw[b].append(before.elapsed_time(after) / replays)
+    return raw, dict(replays_per_burst=replays, rounds=rounds)
 
 
 def case_generate(bench, name, model):
@@ -695,9 +837,9 @@ def case_fn64(bench):
     guarded(bench, "fn", "fn64", f"{tokens} tok {hq}/{hk}x{d}", one, row_estimates_s(bench.args, "fn", "fn64", 0)[0])
 
 
-LM_CASES = {"prefill": case_prefill, "generate": case_generate, "decode_eager": case_decode_eager,
-            "decode_graph": case_decode_graph}
-DIT_CASES = {"prefill": case_prefill}
+LM_CASES = {"prefill": case_prefill, "prefill_graph": case_prefill_graph, "generate": case_generate,
+            "decode_eager": case_decode_eager, "decode_graph": case_decode_graph}
+DIT_CASES = {"prefill": case_prefill, "prefill_graph": case_prefill_graph}
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -709,21 +851,47 @@ def compile_estimate_s(args, name, layers):
     return base + per_layer * layers
 
 
+def forward_estimate_s(name, layers, batch, seq):
+    linear, attention = FORWARD_S_PER_TOKEN_LAYER
+    return batch * seq * layers * (linear + seq * attention) * FORWARD_SCALE[name]
+
+
+def prefill_row_estimates_s(args, name, layers, batch, seq, wall=True):
+    """(wall row, device-time row) seconds of one prefill shape; the compile (both backends) is in the
+    first row that runs: the wall row, or the device-time row when wall=False. Device-time row 0 on CPU."""
+    compiles = 2 * compile_estimate_s(args, name, layers)
+    cuda = args.device == "cuda"
+    if args.tiny:
+        return (compiles + 2.0 if wall else 0.0), (2.0 + (0 if wall else compiles) if cuda else 0.0)
+    t = forward_estimate_s(name, layers, batch, seq)
+    profile = 6 * t + 2.0 + 0.1 * layers  # torch.profiler: 3 forwards per backend + trace processing
+    # wall: eager reference, 3 calibration calls, rounds x 2 measurements of max(0.25 s, one forward)
+    wall_s = t + 3 * t + args.rounds * 2 * max(0.25, t) + 2.0
+    # device: warm-up + capture (3 forwards per backend), 3 warm replays each, the paired rounds
+    burst = max(1, min(20, round(GRAPH_BURST_S / t))) * t
+    rounds = max(min(6, args.graph_rounds), min(args.graph_rounds, int(GRAPH_TOTAL_S / (2 * burst))))
+    graph_s = 12 * t + rounds * 2 * burst + profile + 1.0
+    if not wall:
+        return 0.0, compiles + t + graph_s
+    return compiles + wall_s, (graph_s if cuda else 0.0)
+
+
 def row_estimates_s(args, name, case, layers):
-    """Rough seconds of each row of a case (each compiles both backends once, then times them)."""
+    """Rough seconds of each row of a case (each compiles both backends once, then times them); a prefill
+    shape on CUDA makes two rows (wall clock and device time: one compile), summed here."""
     if case == "fn64":
         return [20.0]
+    if case in ("prefill", "prefill_graph"):
+        return [sum(prefill_row_estimates_s(args, name, layers, b, s, wall=case == "prefill"))
+                for b, s in args.shape_list]
     compiles = 2 * compile_estimate_s(args, name, layers)
     if args.tiny:
-        return [compiles + 2.0] * (len(args.shape_list) if case == "prefill" else
-                                   1 if case == "decode_eager" else len(args.batch_list))
-    if case == "prefill":  # about 21 forwards: eager reference, first calls, calibration, rounds, profiles
-        linear, attention = FORWARD_S_PER_TOKEN_LAYER
-        return [compiles + 5.0 + 21 * b * s * layers * (linear + s * attention) * FORWARD_SCALE[name]
-                for b, s in args.shape_list]
-    if case == "decode_eager":
-        return [compiles + 15.0]
-    return [compiles + {"generate": 20.0, "decode_graph": 10.0}[case]] * len(args.batch_list)
+        return [compiles + 2.0] * (1 if case == "decode_eager" else len(args.batch_list))
+    if case == "decode_eager":  # rounds x 2 x N eager-launched steps
+        return [compiles + 5.0 + 0.3 * layers]
+    # decode_graph: cache prefill, replays and torch.profiler; generate: 2 lengths x rounds x 2 backends
+    per_layer = {"generate": 0.4, "decode_graph": 0.1}[case]
+    return [compiles + {"generate": 8.0, "decode_graph": 4.0}[case] + per_layer * layers] * len(args.batch_list)
 
 
 def default_layers(args, name):
@@ -742,6 +910,8 @@ def plan(args):
             if case == "fn64" or (name == "flux" and case not in DIT_CASES):  # a DiT has no decode
                 continue
             skip = f"needs CUDA ({CUDA_ONLY[case]})" if args.device != "cuda" and case in CUDA_ONLY else None
+            if case == "prefill_graph" and "prefill" in args.case_list and not skip:
+                skip = "the prefill case measures device time too (its prefill_graph rows)"
             tasks.append((name, case, [] if skip else row_estimates_s(args, name, case, default_layers(args, name)),
                           skip))
     return tasks
@@ -768,20 +938,28 @@ def markdown(doc):
              "prefill: ms per forward (LMs: use_cache=False, logits_to_keep=1). generate: HF generate with "
              "a static cache and CompileConfig(backend=...) (CUDA graphs), ms/token from the difference of "
              "two generate lengths. decode_eager: torch.compile, DynamicCache, no CUDA graphs, ms/token. "
+             "prefill_graph: the prefill rows' compiled forward (same compile) captured in a CUDA graph per "
+             "backend, device ms per replay (CUDA events), bursts of a few replays alternating A B B A ... "
+             "without a host sync, many short rounds (falls back to wall clock, unit 'ms (wall)', where "
+             "capture fails). "
              "decode_graph: one compiled decode step captured in a CUDA graph, device us per replay. "
              "fn64: the Qwen3 QK-norm + RoPE function alone, us per call from Python. "
              "share = Inductor's q/k norm + RoPE + KV-cache write kernels / all kernel time (torch.profiler); "
              "recovered = (Inductor kernel time - qkfuse kernel time) / that subgraph's time under Inductor. "
              "agreement = max |out - eager| / max |eager| (inductor / qkfuse); flagged above "
-             f"{AGREEMENT_FLAG} or twice Inductor's.", "",
-             "| model | case | shape | inductor | qkfuse | unit | speed-up | compile s (ind / qk) | "
-             "norm+RoPE share | recovered | agreement (ind / qk) | fused sites | row s (estimate) | note |",
-             "|---|---|---|---:|---:|---|---:|---|---:|---:|---|---:|---|---|"]
+             f"{AGREEMENT_FLAG} or twice Inductor's. "
+             "paired ratio = median over rounds of (that round's inductor / its qkfuse: the two ran back to "
+             "back, so drift between rounds cancels), with the 25-75% range of those ratios and the round "
+             "count; '-' where a row predates it.", "",
+             "| model | case | shape | inductor | qkfuse | unit | speed-up | paired ratio (25-75%; rounds) | "
+             "compile s (ind / qk) | norm+RoPE share | recovered | agreement (ind / qk) | fused sites | "
+             "row s (estimate) | note |",
+             "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---|---:|---|---|"]
     for r in doc["rows"]:
         layers = f" ({r['layers']} layers)" if "layers" in r else ""
         head = f"| {r['model']}{layers} | {r['case']} | {r.get('shape', '')} |"
         if "error" in r or "skipped" in r:
-            lines.append(head + " - | - | | | | | | | | | " + (r.get("error") or f"skipped: {r['skipped']}")
+            lines.append(head + " - | - | | | | | | | | | | " + (r.get("error") or f"skipped: {r['skipped']}")
                          .replace("|", "/").replace("\n", " ")[:160] + " |")
             continue
         med, c = r["median"], r.get("compile_s", {})
@@ -792,12 +970,20 @@ def markdown(doc):
             notes.append("AGREEMENT FLAG")
         if r.get("recompiled_while_timing"):
             notes.append(f"{r['recompiled_while_timing']} recompile(s) while timing")
+        if r.get("fallback"):
+            notes.append(r["fallback"].replace("|", "/").replace("\n", " ")[:160])
+        if r.get("replays_per_burst"):
+            notes.append(f"{r['replays_per_burst']} replay(s) per burst")
+        pr = r.get("paired")
+        pr = f"{pr['median']:.4f}x ({pr['p25']:.4f}-{pr['p75']:.4f}; {pr['rounds']})" if pr else "-"
+        compile_s = ("shared" if r.get("compile_shared_with") else
+                     f"{c['inductor']:.0f} / {c['qkfuse']:.0f}" if "inductor" in c else "-")
         share = f"{100 * ceil['share']:.1f}%" if ceil.get("share") is not None else "-"
         took = r.get("seconds", {})
         took = f"{took['took']:.0f} ({took['estimate']:.0f})" if took else "-"
         agree = f"{ag['inductor_vs_eager']:.2g} / {ag['qkfuse_vs_eager']:.2g}" if ag else "-"
         lines.append(head + f" {fmt(med['inductor'], 4)} | {fmt(med['qkfuse'], 4)} | {r['unit']} | "
-                     f"{r['speedup']:.3f}x | {c.get('inductor', 0):.0f} / {c.get('qkfuse', 0):.0f} | {share} | "
+                     f"{r['speedup']:.3f}x | {pr} | {compile_s} | {share} | "
                      f"{fmt(ceil.get('recovered'), 2)} | {agree} | {r.get('qkfuse_fused_sites', '-')} | {took} | "
                      f"{'; '.join(notes)} |")
     ceiled = [r for r in doc["rows"] if r.get("ceiling")]
@@ -829,7 +1015,7 @@ def plot(doc, path):
     rows = [r for r in doc["rows"] if "speedup" in r]
     if not rows:
         return
-    colors = dict(zip(CASES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    colors = dict(zip(CASES, ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:red", "tab:purple")))
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     labels = [f"{r['model']} {r['case']} {r['shape']}" for r in rows]
     speedups = [r["speedup"] for r in rows]
@@ -896,11 +1082,14 @@ def parse_shapes(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(c for c in CASES if c != "prefill_graph"),
+                   help=f"comma list of {', '.join(CASES)} (default: all but prefill_graph, which prefill includes)")
     p.add_argument("--layers", type=int, default=None, help="override every model's layer / block count")
     p.add_argument("--shapes", default=None, help="prefill BxS list (default 1x4096,8x512,1x32768)")
     p.add_argument("--batches", default=None, help="generate / decode_graph batch sizes (default 1,16,64)")
     p.add_argument("--rounds", type=int, default=None, help="alternating A/B rounds (default 5)")
+    p.add_argument("--graph-rounds", type=int, default=None,
+                   help="prefill_graph: most A/B rounds of CUDA-graph replay bursts (default 30; 8 with --quick)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens N (default 64)")
     p.add_argument("--prompt", type=int, default=None, help="decode prompt tokens (default 128)")
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds, 2 layers: a smoke test")
@@ -928,12 +1117,13 @@ def parse_args(argv=None):
     if any(len(shape) != 2 for shape in a.shape_list):
         p.error("--shapes takes BxS,BxS,...")
     a.rounds = a.rounds or (3 if small else 5)
+    a.graph_rounds = a.graph_rounds or (8 if small else 30)
     a.new_tokens = a.new_tokens or (8 if a.tiny else 16 if a.quick else 64)
     a.prompt = a.prompt or (16 if a.tiny else 32 if a.quick else 128)
     if a.quick and a.layers is None and not a.tiny:
         a.layers = 2
-    if a.new_tokens < 4 or a.rounds < 1:  # decode_graph advances the static cache up to 3 slots
-        p.error("--new-tokens must be at least 4 and --rounds at least 1")
+    if a.new_tokens < 4 or a.rounds < 1 or a.graph_rounds < 1:  # decode_graph advances the cache up to 3 slots
+        p.error("--new-tokens must be at least 4, --rounds and --graph-rounds at least 1")
     # --plan is for planning a GPU run from anywhere: it plans for CUDA unless --tiny.
     a.device = "cuda" if torch.cuda.is_available() or (a.plan and not a.tiny) else "cpu"
     return a
@@ -987,7 +1177,7 @@ def configure_torch():
 
 def print_plan(args, tasks):
     print(f"bench_models: {args.device}, models {args.model_list}, cases {args.case_list}, shapes {args.shape_list}, "
-          f"batches {args.batch_list}, rounds {args.rounds}, prompt {args.prompt}, new tokens {args.new_tokens}, "
+          f"batches {args.batch_list}, rounds {args.rounds} (graph {args.graph_rounds}), prompt {args.prompt}, new tokens {args.new_tokens}, "
           f"layers {args.layers or 'default'}" + (f", budget {args.budget:.0f} s" if args.budget else ""), flush=True)
     for name, case, rows, skip in tasks:
         layers = "" if name == "fn" else f"{default_layers(args, name):3d} layers"
@@ -1032,7 +1222,9 @@ def main(argv=None):
         write_outputs(doc, args.out, args.tag)
         what = (f"ERROR {r['error']}" if "error" in r else f"skipped: {r['skipped']}" if "skipped" in r else
                 f"inductor {fmt(r['median']['inductor'], 4)} / qkfuse {fmt(r['median']['qkfuse'], 4)} {r['unit']}"
-                f" -> {r['speedup']:.3f}x")
+                f" -> {r['speedup']:.3f}x" + (f", paired {r['paired']['median']:.4f}x ({r['paired']['p25']:.4f}-"
+                                              f"{r['paired']['p75']:.4f})" if r.get("paired") else "")
+                + (f" [{r['fallback']}]" if r.get("fallback") else ""))
         log(f"  {r['model']} {r['case']} {r['shape']}: {what}")
 
     model, model_name = None, None
