@@ -5,7 +5,7 @@
 only=${1:-prefill 32k}
 for d in .bisect/*/; do
   c=$(basename "$d")
-  line=$(cd "$d" && PYTHONPATH=. timeout 120 python benchmarks/bench_qk_norm_rope.py --shapes main --only "$only" \
+  line=$(cd "$d" && PYTHONPATH=. timeout 70 python benchmarks/bench_qk_norm_rope.py --shapes main --only "$only" \
          --no-flashinfer --no-write 2>&1 | grep -E "^\[ *[0-9]+s\]" | tail -1)
   echo "$c $line"
 done
