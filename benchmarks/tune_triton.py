@@ -53,6 +53,24 @@ def inputs(T, Hq, Hk, D, dt=torch.bfloat16):
     return q, k, qw, kw, cos, sin
 
 
+def write_table(path, table, measured):
+    """Written after every shape: a run stopped at its time limit keeps what it measured."""
+    import triton
+
+    doc = {
+        "device": torch.cuda.get_device_properties(0).name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "note": "written by benchmarks/tune_triton.py; bf16, Qwen3 layout, device time (CUDA graph replay)",
+        "table": table,
+        "measured": measured,
+    }
+    for out in [path] + ([os.path.join(os.environ["OUT"], "triton_configs.json")] if os.environ.get("OUT") else []):
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+
+
 def main():
     from triton.testing import do_bench_cudagraph
 
@@ -105,29 +123,12 @@ def main():
             lambda: tk.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, r, config=default), rep=150, return_mode="median") * 1e3
         moved = (2 * T * (Hq + Hk) * D + 2 * T * D) * 2
         print(f"{key:22s} T={T:6d} {Hq:2d}/{Hk:2d} D={D:3d}: best {best} {t_best:8.1f} us "
-              f"({moved / t_best / 1e6:6.0f} GB/s); heuristic {default} {t_default:8.1f} us", flush=True)
+              f"({moved / t_best / 1e3:6.0f} GB/s); heuristic {default} {t_default:8.1f} us", flush=True)
         if key not in table or a.heads or t_best < measured[key]["us"]:
             table[key] = [best.block_t, best.block_h, best.num_warps]
             measured[key] = {"us": round(t_best, 2), "gbps": round(moved / t_best / 1e3, 1),
                              "heuristic_us": round(t_default, 2), "shape": [T, Hq, Hk, D]}
-    props = torch.cuda.get_device_properties(0)
-    import triton
-
-    doc = {
-        "device": props.name,
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "note": "written by benchmarks/tune_triton.py; bf16, Qwen3 layout, device time (CUDA graph replay)",
-        "table": table,
-        "measured": measured,
-    }
-    with open(a.out, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "triton_configs.json"), "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
+        write_table(a.out, table, measured)
     print(f"wrote {len(table)} buckets to {a.out}")
 
 
