@@ -7,7 +7,9 @@
 - ``triton``: the Triton kernel, launched directly by Inductor's generated code.
 - ``flashinfer``: flashinfer's norm and RoPE kernels, wrapped as ``qkfuse::fi_*`` custom ops.
 - ``auto``: CPU → inline; CUDA → Triton, or flashinfer where the committed measurements
-  (kernels/policy.json, written by benchmarks/bench_qk_norm_rope.py) say it is faster.
+  (kernels/policy.json, written by benchmarks/bench_qk_norm_rope.py) say it is faster. A norm
+  across heads (OLMo2) is fused too: its grid beat Inductor at every measured shape on the H200
+  (1.05x-1.36x device time, benchmarks/results/2026-12-02-h200-across.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
-ACROSS_UNMEASURED = "norm across heads: the Triton kernel is not yet measured against Inductor on a GPU"
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,11 +75,6 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    if recipe.norm_heads_dim and preference == "auto":
-        # Fuse only where it is measured to win: this grid (a program per token holding all heads)
-        # has no GPU benchmark against Inductor yet (benchmarks/bench_qk_norm_rope.py --shapes across).
-        return None, (f"{ACROSS_UNMEASURED}; site left to Inductor "
-                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 

@@ -1,6 +1,6 @@
 """Tiny HF models through the pass's CUDA path on fake CUDA tensors (tests/scan_cuda_path.py):
 what fuses on CPU fuses on CUDA, one Triton launch per q+k pair, nothing cloned; the norm across
-heads is left to Inductor under kernels="auto" (not yet measured on a GPU) and fuses with "triton".
+heads (OLMo2) fuses under kernels="auto" as under "triton".
 The whole list of architectures: docs/coverage-cuda-path.md."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.scan_cuda_path import scan_one  # noqa: E402
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kernels,fused,policy", [
-    ("qwen3", "auto", 4, 0), ("gemma3", "auto", 4, 0), ("olmo2", "auto", 0, 4), ("olmo2", "triton", 4, 0)])
+    ("qwen3", "auto", 4, 0), ("gemma3", "auto", 4, 0), ("olmo2", "auto", 4, 0), ("olmo2", "triton", 4, 0)])
 def test_cuda_path_fuses_what_the_cpu_path_fuses(name, kernels, fused, policy):
     row = scan_one("transformers", name, kernels)
     assert row["status"] == "ok", row
