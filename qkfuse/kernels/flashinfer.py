@@ -106,6 +106,10 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
         return "flashinfer's RMSNorm is per head, not across heads"
     if recipe.norm_sum:
         return "flashinfer has no L2 norm (sum of squares)"
+    if recipe.norm == "layer":
+        return "flashinfer has no LayerNorm (mean subtracted) in its fused path"
+    if recipe.weight_heads_dim:
+        return "flashinfer's RMSNorm weight is [head_dim], not one row per head"
     if recipe.norm == "rms" and recipe.weight_offset not in (0.0, 1.0):
         return f"weight offset {recipe.weight_offset}"
     if recipe.rotary_dim and (cos is None or cos.shape[-1] != recipe.rotary_dim):

@@ -18,6 +18,17 @@ def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _affine_view(t: torch.Tensor, x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """A weight or bias in float32, shaped to broadcast over x (see the recipe)."""
+    t = t.to(torch.float32)
+    hd, whd = recipe.norm_heads_dim, recipe.weight_heads_dim
+    if hd:  # [heads * head_dim], head-major -> broadcast over x's dims (hd, -1)
+        return t.view(x.shape[hd], *[1] * (-hd - 2), x.shape[-1])
+    if whd:  # [heads, head_dim] -> head i of x's dim whd gets row i
+        return t.view(x.shape[whd], *[1] * (-whd - 2), x.shape[-1])
+    return t
+
+
 def norm_rope_reference(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -27,29 +38,34 @@ def norm_rope_reference(
     recipe: Recipe,
     *,
     dense_layout: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One tensor's fused computation; the output is laid out by ``new_output(x)`` (the layout
     every kernel returns), or as torch's ops leave it with ``dense_layout=False`` (for traces that
     Inductor compiles: it plans layouts itself)."""
     y = x
-    if recipe.norm == "rms":
+    if recipe.norm in ("rms", "layer"):
         xf = x.to(torch.float32)
         hd = recipe.norm_heads_dim
         dims = (hd, -1) if hd else -1
-        ms = xf.pow(2).sum(dims, keepdim=True) if recipe.norm_sum else xf.pow(2).mean(dims, keepdim=True)
         eps_v = eps.to(torch.float32) if isinstance(eps, torch.Tensor) else eps
-        n = xf * torch.rsqrt(ms + eps_v)
+        if recipe.norm == "layer":  # centred first, then the (biased) variance of the centred values
+            xc = xf - xf.mean(dims, keepdim=True)
+            n = xc * torch.rsqrt(xc.pow(2).mean(dims, keepdim=True) + eps_v)
+        else:
+            ms = xf.pow(2).sum(dims, keepdim=True) if recipe.norm_sum else xf.pow(2).mean(dims, keepdim=True)
+            n = xf * torch.rsqrt(ms + eps_v)
         if weight is None:
             y = n
         else:
-            w = weight.to(torch.float32)
-            if hd:  # [heads * head_dim], head-major -> broadcast over x's dims (hd, -1)
-                w = w.view(x.shape[hd], *[1] * (-hd - 2), x.shape[-1])
+            w = _affine_view(weight, x, recipe)
             if recipe.weight_offset:
                 w = w + recipe.weight_offset
             if recipe.cast_before_weight:
                 n = n.to(x.dtype)
             y = n * w if n.dtype == torch.float32 else n.float() * w
+        if bias is not None:
+            y = y + _affine_view(bias, x, recipe)
         y = y.to(recipe.norm_dtype)
 
     rd = recipe.rotary_dim

@@ -31,13 +31,15 @@ def _round(x, CODE: tl.constexpr):
 
 
 @triton.jit
-def _scale(x, r, w, CAST_BEFORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, X_CODE: tl.constexpr,
-           Y_CODE: tl.constexpr):
+def _scale(x, r, w, bias, CAST_BEFORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+           X_CODE: tl.constexpr, Y_CODE: tl.constexpr):
     n = x * r
     if HAS_WEIGHT:
         if CAST_BEFORE:
             n = _round(n, X_CODE)
         n = n * w
+    if HAS_BIAS:  # LayerNorm's bias, added in float32 before the one rounding
+        n = n + bias
     return _round(n, Y_CODE)
 
 
@@ -45,7 +47,8 @@ def _scale(x, r, w, CAST_BEFORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, X_CODE:
 def _weight(w_ptr, w_row, w_ok, cols, n_cols, WEIGHT_OFFSET: tl.constexpr, ACROSS: tl.constexpr):
     """The weight (+ offset, float32) at `cols` as [rows, cols]: one row that every head shares
     (per-head norm), or each head's own slice of a [heads * head_dim] weight (ACROSS: head h's row
-    starts at w_row[h], w_ok masks the padded heads)."""
+    starts at w_row[h], w_ok masks the padded heads; also an [H, D] weight with a row per head).
+    LayerNorm's bias is loaded the same way (offset 0)."""
     if ACROSS:
         w = tl.load(w_ptr + w_row + cols[None, :], mask=w_ok & (cols < n_cols)[None, :], other=0.0)
     else:
@@ -121,7 +124,7 @@ def _copy_tile(x_ptr, o_ptr, pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, 
 
 @triton.jit
 def _norm_rope_tile(
-    x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, eps,
+    x_ptr, o_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, eps,
     pid_t, hb, n_tokens, n_inner, n_heads,
     x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
     idx_ptr, idx_stride, cache_len, o_seq,
@@ -131,7 +134,7 @@ def _norm_rope_tile(
     CAST_BEFORE: tl.constexpr, X_CODE: tl.constexpr, Y_CODE: tl.constexpr, R_CODE: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -174,30 +177,73 @@ def _norm_rope_tile(
             a = tl.load(x_ptr + x_row + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
             b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if NORM:
-        ss = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-        if ROT_DIM > 0:
-            ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
-        if N_TAIL == 1:
-            p = tl.load(x_ptr + x_row + ROT_DIM + dc, mask=row_mask & (dc < TAIL), other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-            ss += tl.sum(p * p, axis=2)
+        if LAYER:
+            # LayerNorm: the mean first (one float32 sum over the row), then the sum of squares of
+            # the centred values (the rotated part stays in registers; a chunked tail is read again)
+            s1 = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            if ROT_DIM > 0:
+                s1 += tl.sum(a, axis=2) + tl.sum(b, axis=2)
+            if N_TAIL == 1:
+                p = tl.load(x_ptr + x_row + ROT_DIM + dc, mask=row_mask & (dc < TAIL), other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                s1 += tl.sum(p, axis=2)
+            else:
+                for i in tl.static_range(N_TAIL):
+                    pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc,
+                                 mask=row_mask & (dc + i * TAIL_CHUNK < TAIL), other=0.0,
+                                 eviction_policy="evict_last").to(tl.float32)
+                    s1 += tl.sum(pc, axis=2)
+            if ACROSS:
+                s1 = tl.sum(s1, axis=1)[:, None]
+                mu = (s1 / (n_heads * HEAD_DIM))[:, :, None]
+            else:
+                mu = (s1 / HEAD_DIM)[:, :, None]
+            ss = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            if ROT_DIM > 0:  # centred; padded lanes and heads stay 0
+                lane = row_mask & (tl.arange(0, HALF_PAD) < HALF)[None, None, :]
+                a = tl.where(lane, a - mu, 0.0)
+                b = tl.where(lane, b - mu, 0.0)
+                ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
+            if N_TAIL == 1:
+                p = tl.where(row_mask & (dc < TAIL), p - mu, 0.0)
+                ss += tl.sum(p * p, axis=2)
+            else:
+                for i in tl.static_range(N_TAIL):
+                    pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc,
+                                 mask=row_mask & (dc + i * TAIL_CHUNK < TAIL), other=0.0,
+                                 eviction_policy="evict_last").to(tl.float32)
+                    pc = tl.where(row_mask & (dc + i * TAIL_CHUNK < TAIL), pc - mu, 0.0)
+                    ss += tl.sum(pc * pc, axis=2)
+            if ACROSS:
+                ms = tl.sum(ss, axis=1)[:, None] / (n_heads * HEAD_DIM)
+            else:
+                ms = ss / HEAD_DIM
+            r = tl.math.rsqrt(ms + tl.cast(eps, tl.float32))[:, :, None]
         else:
-            for i in tl.static_range(N_TAIL):  # read again in pass 2 (from L1/L2)
-                pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc,
-                             mask=row_mask & (dc + i * TAIL_CHUNK < TAIL), other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
-                ss += tl.sum(pc * pc, axis=2)
-        # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
-        if ACROSS:  # one mean over all heads of a token (masked heads added zeros)
-            ss = tl.sum(ss, axis=1)[:, None]
-        # the mean of the squares, or their sum (NORM_SUM: an L2 norm)
-        if NORM_SUM:
-            ms = ss
-        elif ACROSS:
-            ms = ss / (n_heads * HEAD_DIM)
-        else:
-            ms = ss / HEAD_DIM
-        r = tl.math.rsqrt(ms + tl.cast(eps, tl.float32))[:, :, None]
+            ss = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            if ROT_DIM > 0:
+                ss += tl.sum(a * a, axis=2) + tl.sum(b * b, axis=2)
+            if N_TAIL == 1:
+                p = tl.load(x_ptr + x_row + ROT_DIM + dc, mask=row_mask & (dc < TAIL), other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                ss += tl.sum(p * p, axis=2)
+            else:
+                for i in tl.static_range(N_TAIL):  # read again in pass 2 (from L1/L2)
+                    pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc,
+                                 mask=row_mask & (dc + i * TAIL_CHUNK < TAIL), other=0.0,
+                                 eviction_policy="evict_last").to(tl.float32)
+                    ss += tl.sum(pc * pc, axis=2)
+            # Inductor passes Python floats as fp64; fp64 here would turn the whole row math fp64.
+            if ACROSS:  # one mean over all heads of a token (masked heads added zeros)
+                ss = tl.sum(ss, axis=1)[:, None]
+            # the mean of the squares, or their sum (NORM_SUM: an L2 norm)
+            if NORM_SUM:
+                ms = ss
+            elif ACROSS:
+                ms = ss / (n_heads * HEAD_DIM)
+            else:
+                ms = ss / HEAD_DIM
+            r = tl.math.rsqrt(ms + tl.cast(eps, tl.float32))[:, :, None]
 
     # ---- rotated part: norm, RoPE, store --------------------------------------------------
     out_ty = o_ptr.dtype.element_ty
@@ -205,19 +251,32 @@ def _norm_rope_tile(
         if NORM:
             if HAS_WEIGHT:
                 if INTERLEAVED:
-                    w = _weight(w_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, WEIGHT_OFFSET, ACROSS)
+                    w = _weight(w_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, WEIGHT_OFFSET, W_ROWS)
                     wa, wb = tl.split(tl.reshape(w, [w.shape[0], HALF_PAD, 2]))
                 else:
                     wh = tl.arange(0, HALF_PAD)
-                    wa = _weight(w_ptr, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, ACROSS)
-                    wb = _weight(w_ptr + HALF, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, ACROSS)
+                    wa = _weight(w_ptr, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, W_ROWS)
+                    wb = _weight(w_ptr + HALF, w_row, w_ok, wh, HALF, WEIGHT_OFFSET, W_ROWS)
                 wa = wa[None, :, :]
                 wb = wb[None, :, :]
             else:  # (unused: _scale applies no weight)
                 wa = 0.0
                 wb = 0.0
-            a = _scale(a, r, wa, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
-            b = _scale(b, r, wb, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+            if HAS_BIAS:
+                if INTERLEAVED:
+                    bw = _weight(b_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, 0.0, W_ROWS)
+                    ba, bb = tl.split(tl.reshape(bw, [bw.shape[0], HALF_PAD, 2]))
+                else:
+                    bh = tl.arange(0, HALF_PAD)
+                    ba = _weight(b_ptr, w_row, w_ok, bh, HALF, 0.0, W_ROWS)
+                    bb = _weight(b_ptr + HALF, w_row, w_ok, bh, HALF, 0.0, W_ROWS)
+                ba = ba[None, :, :]
+                bb = bb[None, :, :]
+            else:  # (unused: _scale adds no bias)
+                ba = 0.0
+                bb = 0.0
+            a = _scale(a, r, wa, ba, CAST_BEFORE, HAS_WEIGHT, HAS_BIAS, X_CODE, Y_CODE)
+            b = _scale(b, r, wb, bb, CAST_BEFORE, HAS_WEIGHT, HAS_BIAS, X_CODE, Y_CODE)
         if ROPE_CACHE:
             # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
             # their sin), sin_ptr the int positions of the tokens (token strides c_so/c_si), s_so the
@@ -265,17 +324,23 @@ def _norm_rope_tile(
     for i in tl.static_range(N_TAIL):
         mt = row_mask & (dc + i * TAIL_CHUNK < TAIL)
         if N_TAIL == 1 and NORM:
-            pc = p
+            pc = p  # (LAYER: centred in pass 1)
         else:
             pc = tl.load(x_ptr + x_row + ROT_DIM + i * TAIL_CHUNK + dc, mask=mt, other=0.0,
                          eviction_policy="evict_first").to(tl.float32)
+            if NORM and LAYER:
+                pc = pc - mu
         if NORM:
+            wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
             if HAS_WEIGHT:
-                wt_idx = tl.arange(0, TAIL_CHUNK) + i * TAIL_CHUNK
-                wt = _weight(w_ptr + ROT_DIM, w_row, w_ok, wt_idx, TAIL, WEIGHT_OFFSET, ACROSS)[None, :, :]
+                wt = _weight(w_ptr + ROT_DIM, w_row, w_ok, wt_idx, TAIL, WEIGHT_OFFSET, W_ROWS)[None, :, :]
             else:  # (unused: _scale applies no weight)
                 wt = 0.0
-            pc = _scale(pc, r, wt, CAST_BEFORE, HAS_WEIGHT, X_CODE, Y_CODE)
+            if HAS_BIAS:
+                bt = _weight(b_ptr + ROT_DIM, w_row, w_ok, wt_idx, TAIL, 0.0, W_ROWS)[None, :, :]
+            else:  # (unused: _scale adds no bias)
+                bt = 0.0
+            pc = _scale(pc, r, wt, bt, CAST_BEFORE, HAS_WEIGHT, HAS_BIAS, X_CODE, Y_CODE)
         tl.store(o_ptr + o_row + ROT_DIM + i * TAIL_CHUNK + dc, pc.to(out_ty),
                  mask=store_mask & (dc + i * TAIL_CHUNK < TAIL))
 
@@ -289,7 +354,7 @@ def qk_norm_rope_kernel(
     qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
     c_so, c_si, c_sh, s_so, s_si, s_sh,
     v_ptr, vo_ptr, idx_ptr, v_so, v_si, v_sh, vo_so, vo_si, vo_sh,
-    idx_stride, cache_len, o_seq, vo_seq,
+    idx_stride, cache_len, o_seq, vo_seq, qb_ptr, kb_ptr,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
@@ -298,6 +363,7 @@ def qk_norm_rope_kernel(
     Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, V_POS_AXIS: tl.constexpr, HAS_V: tl.constexpr,
     D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
+    LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
@@ -306,7 +372,11 @@ def qk_norm_rope_kernel(
     in idx) and v, with the same heads, copied into its cache at the same positions.
 
     Head blocks are BLOCK_H heads of q, BLOCK_HK of k, BLOCK_HV of v (all BLOCK_H for per-head
-    norms; across heads (ACROSS) one block holds all heads of its tensor)."""
+    norms; across heads (ACROSS) one block holds all heads of its tensor).
+
+    LAYER: a LayerNorm (the mean subtracted first); HAS_BIAS: its bias (qb_ptr/kb_ptr, laid out as
+    the weights); W_ROWS: weight and bias have a row per head (ACROSS's [heads * head_dim], or an
+    [H, D] weight of a per-head norm: Cohere, StableLM)."""
     pid = tl.program_id(0)
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
@@ -324,19 +394,21 @@ def qk_norm_rope_kernel(
     if HAS_K:
         if (pid_h >= q_head_blocks) & (pid_h < n_rope_blocks):
             _norm_rope_tile(
-                k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
+                k_ptr, ko_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
+                LAYER, HAS_BIAS, W_ROWS,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
-            q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
+            q_ptr, qo_ptr, qw_ptr, qb_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
+            LAYER, HAS_BIAS, W_ROWS,
         )
 
 
@@ -504,8 +576,10 @@ def _size(shape, d):
 
 def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, recipe: Recipe,
              sin: torch.Tensor | None = None, q_weight: torch.Tensor | None = None,
-             k_weight: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> str | None:
+             k_weight: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+             q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None) -> str | None:
     """None if the kernel computes these inputs exactly, else why not (positions: cache mode)."""
+    heads_dim = recipe.norm_heads_dim or recipe.weight_heads_dim  # the kernel's head axis, if fixed
     if positions is not None:
         if positions.dtype not in (torch.int32, torch.int64):
             return f"positions must be int32/int64, not {positions.dtype}"
@@ -515,7 +589,7 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
             return "cos/sin cache last dim is not contiguous"
         try:
             axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, positions.unsqueeze(-1).shape,
-                              heads_dim=recipe.norm_heads_dim)
+                              heads_dim=heads_dim)
         except UnsupportedLayout as e:
             return str(e)
         if _strides3(positions.unsqueeze(-1), q.shape[:-1], axes)[2] != 0:
@@ -532,15 +606,22 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
         return f"q ({q.dtype}) and k ({k.dtype}) differ in dtype"
     if k is not None and (k.dim() != q.dim() or k.shape[-1] != q.shape[-1]):
         return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in rank or head_dim"
-    for t, name in ((cos, "cos"), (sin, "sin"), (q_weight, "q weight"), (k_weight, "k weight")):
+    for t, name in ((cos, "cos"), (sin, "sin"), (q_weight, "q weight"), (k_weight, "k weight"),
+                    (q_bias, "q bias"), (k_bias, "k bias")):
         if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1:
             return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
+    if k is not None and (q_bias is None) != (k_bias is None):
+        return "one of q and k has a norm bias and the other not"
+    if recipe.weight_heads_dim:  # rows of head_dim one after the other (what the kernel indexes)
+        for t, name in ((q_weight, "q weight"), (k_weight, "k weight"), (q_bias, "q bias"), (k_bias, "k bias")):
+            if t is not None and t.dim() == 2 and t.shape[0] != 1 and t.stride(0) != t.shape[-1]:
+                return f"{name} rows are not contiguous (stride {t.stride(0)})"
     for dt in (recipe.norm_dtype, recipe.rope_dtype, recipe.out_dtype):
         if dt not in DTYPE_CODES:
             return f"dtype {dt} is not float32/float16/bfloat16"
     try:
         _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if cos is None else cos.shape,
-                   heads_dim=recipe.norm_heads_dim)
+                   heads_dim=heads_dim)
     except UnsupportedLayout as e:
         return str(e)
     if recipe.norm_heads_dim:
@@ -630,6 +711,8 @@ def launch(
     cache: CacheTarget | None = None,
     out_strides: tuple | None = None,
     bases: dict | None = None,
+    q_bias: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -660,7 +743,7 @@ def launch(
     k_out = None if k is None else (cache.cache if cached_is_k else output(k, k_strides))
     table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
     axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape,
-                      None if cache is None else cache.dim, recipe.norm_heads_dim)
+                      None if cache is None else cache.dim, recipe.norm_heads_dim or recipe.weight_heads_dim)
     lead = q.shape[:-1]
     n_inner = _size(lead, axes.inner)
     n_tokens = _size(lead, axes.outer) * n_inner
@@ -683,6 +766,7 @@ def launch(
     else:  # token strides of the positions; the cache's row stride
         cos_str, sin_str, sin = _strides3(table, lead, axes), (cos.stride(0), 0, 0), positions
     has_weight = q_weight is not None
+    has_bias = q_bias is not None
     cos_per_head = positions is None and cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
 
     written = k if cached_is_k else q
@@ -728,12 +812,14 @@ def launch(
         bases.get("v", v_args[0]) if cache is not None and cache.v is not None else None, v_args[1], idx,
         *v_args[2:],
         idx_stride, cache_len, o_seq, vo_seq,
+        # (a dummy pointer without a bias, as for the weights)
+        q_bias if has_bias else q, (k_bias if k_bias is not None else q_bias) if has_bias else q,
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),
         TAIL_CHUNK=tail_chunk,
         N_TAIL=triton.cdiv(head_dim - rd, tail_chunk),
-        NORM=recipe.norm == "rms",
+        NORM=recipe.norm in ("rms", "layer"),
         HAS_WEIGHT=has_weight,
         WEIGHT_OFFSET=float(recipe.weight_offset),
         CAST_BEFORE=bool(recipe.cast_before_weight),
@@ -755,6 +841,9 @@ def launch(
         BLOCK_H=block_h,
         BLOCK_HK=block_hk,
         BLOCK_HV=block_hv,
+        LAYER=recipe.norm == "layer",
+        HAS_BIAS=has_bias,
+        W_ROWS=across or bool(recipe.weight_heads_dim),
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -5,15 +5,22 @@ The recipe records *where the matched graph rounds*, so a fused call reproduces 
 graph's numerics instead of "something close":
 
     x            input, dtype X (any strides, last dim contiguous for the GPU kernels)
-    n  = float(x) * rsqrt(mean(float(x)^2, -1) + eps)            # float32
+    n  = float(x) * rsqrt(mean(float(x)^2, -1) + eps)            # float32, norm == "rms"
                  (norm_heads_dim = h < 0: the mean is over x's dims (h, -1), the
                  heads and head_dim, as a norm across heads on the flat projection;
                  the weight is then [heads * head_dim], head-major; norm_sum: sum, not
                  mean, an L2 norm)
+    n  = c * rsqrt(mean(c^2, -1) + eps), c = float(x) - mean(float(x), -1)
+                 # float32, norm == "layer" (LayerNorm: the biased variance; over the
+                 # same dims as the RMS, norm_heads_dim included)
     if weight:   w' = float(w) + weight_offset                   # float32 ((1+w) for Gemma)
                  n  = round(n, X) if cast_before_weight           # Llama/Qwen3: cast, then multiply
-                 y  = round(n * w', norm_dtype)
-    else:        y  = round(n, norm_dtype)
+                 y  = round(n * w' [+ float(bias)], norm_dtype)
+    else:        y  = round(n [+ float(bias)], norm_dtype)
+                 (weight_heads_dim = h < 0: weight and bias are [x.shape[h], head_dim],
+                 one row per head of x's dim h (Cohere's [H, D] q_norm, StableLM's
+                 LayerNorm per head); else [head_dim], or [heads * head_dim] across heads.
+                 The bias is an optional tensor argument of the ops, not a recipe field.)
     (norm == "none": y = x)
     RoPE on y[..., :rotary_dim], every product and the sum rounded to rope_dtype:
                  o  = round(round(y*cos) + round(rot(y)*sin), rope_dtype) -> out_dtype
@@ -30,7 +37,7 @@ import dataclasses
 
 import torch
 
-NORM_KINDS = ("rms", "none")
+NORM_KINDS = ("rms", "layer", "none")
 # Dtypes the GPU kernels can round to; codes are what the Triton kernels take as constexprs.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -50,6 +57,9 @@ class Recipe:
     norm_heads_dim: int = 0
     # True: n = x * rsqrt(sum(x^2) + eps), an L2 norm onto the unit sphere (nGPT / Dory), not the RMS
     norm_sum: bool = False
+    # 0: the weight (and bias) is [head_dim] (or [heads * head_dim] across heads). h < 0: it is
+    # [x.shape[h], head_dim], one row per head of the op input's dim h (Cohere, StableLM).
+    weight_heads_dim: int = 0
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -64,17 +74,23 @@ class Recipe:
             bool(self.interleaved),
             int(self.norm_heads_dim),
             bool(self.norm_sum),
+            int(self.weight_heads_dim),
         )
 
     @classmethod
     def from_op_args(cls, *args) -> "Recipe":
         return cls(*args)
 
-    def describe(self) -> str:
+    def describe(self, bias: bool = False) -> str:
+        """A short name of the recipe (``bias``: the call adds a norm bias, which is an argument of
+        the ops, not a recipe field)."""
         parts = []
-        if self.norm == "rms":
-            kind = ("l2" if self.norm_sum else "rms") + ("(1+w)" if self.weight_offset else "")
+        if self.norm in ("rms", "layer"):
+            kind = "layernorm" if self.norm == "layer" else ("l2" if self.norm_sum else "rms")
+            kind += "+b" if bias else ""
+            kind += "(1+w)" if self.weight_offset else ""
             kind += " across heads" if self.norm_heads_dim else ""
+            kind += " per-head w" if self.weight_heads_dim else ""
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
         if self.rotary_dim:
             parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]")
@@ -86,12 +102,21 @@ _SCHEMA_TYPES = {"str": "str", "float": "float", "bool": "bool", "torch.dtype": 
 # The first eight fields are positional and required in every op call (as in qkfuse 0.1); fields
 # added after them carry their default, so calls written before them keep working.
 _REQUIRED_FIELDS = 8
+N_FIELDS = len(dataclasses.fields(Recipe))
+
+
+def split_op_args(args) -> tuple[Recipe, tuple]:
+    """(Recipe, the tensor arguments after it) from an op's trailing arguments: the Recipe's fields,
+    then the optional tensors the schema appends after them (the norm's bias, defaulting to None;
+    custom ops take no keyword-only tensors). A call may leave defaulted recipe fields out only
+    when it passes nothing after them."""
+    return Recipe(*args[:N_FIELDS]), tuple(args[N_FIELDS:])
 
 
 def recipe_schema() -> str:
     """The trailing arguments of the ``qkfuse::*norm_rope*`` op schemas, generated from the Recipe's
     fields in order: adding a field to the recipe needs no edit of the ops, their fakes or kernels'
-    registrations (they take ``*recipe_args`` and build ``Recipe(*recipe_args)``)."""
+    registrations (they take ``*recipe_args`` and read them with ``split_op_args``)."""
     parts = []
     for i, f in enumerate(dataclasses.fields(Recipe)):
         arg = f"{_SCHEMA_TYPES[f.type]} {f.name}"
@@ -129,10 +154,20 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.norm_heads_dim > 0:
         raise ValueError(f"qkfuse: norm_heads_dim must be 0 (per-head norm) or a negative dim, "
                          f"got {recipe.norm_heads_dim}")
-    if recipe.norm_heads_dim and recipe.norm != "rms":
+    if recipe.norm_heads_dim and recipe.norm == "none":
         raise ValueError("qkfuse: norm_heads_dim is set but norm='none'")
     if recipe.norm_sum and recipe.norm != "rms":
-        raise ValueError("qkfuse: norm_sum is set but norm='none'")
+        raise ValueError(f"qkfuse: norm_sum (an L2 norm) is set but norm={recipe.norm!r}")
+    whd = recipe.weight_heads_dim
+    if not isinstance(whd, (int, torch.SymInt)) or isinstance(whd, bool):
+        raise TypeError(f"qkfuse: weight_heads_dim must be an int, got {type(whd).__name__}")
+    if whd > 0:
+        raise ValueError(f"qkfuse: weight_heads_dim must be 0 (a [head_dim] weight) or a negative dim, got {whd}")
+    if whd and recipe.norm == "none":
+        raise ValueError("qkfuse: weight_heads_dim is set but norm='none'")
+    if whd and recipe.norm_heads_dim:
+        raise ValueError("qkfuse: weight_heads_dim and norm_heads_dim are both set (a norm across heads has "
+                         "its [heads * head_dim] weight)")
 
 
 def check_tensor(t, name: str, device, dtypes=FLOAT_DTYPES) -> None:
@@ -166,12 +201,13 @@ def check_table_shape(shape, tname: str, x, name: str, rd: int) -> None:
         raise ValueError(f"qkfuse: {tname} {tuple(shape)} is larger than {name} {tuple(x.shape)}")
 
 
-def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shape=None) -> None:
+def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shape=None, bias=None) -> None:
     """Validate one tensor's inputs against a recipe: metadata only (fake impls call it too).
 
     TypeError for a wrong type or dtype, ValueError (naming the argument) for anything else.
     ``rope_shape``: the shape cos/sin would have when they are not given as tensors (the cached
-    op gathers them from a cache: positions.shape + [rotary_dim]).
+    op gathers them from a cache: positions.shape + [rotary_dim]). ``bias``: the norm's bias (the
+    weight's shape).
     """
     check_recipe(recipe)
     check_tensor(x, name, None)
@@ -183,13 +219,23 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
     hd = recipe.norm_heads_dim
     if hd and not -x.dim() <= hd <= -2:
         raise ValueError(f"qkfuse: norm_heads_dim={hd} is not a leading dim of {name} {tuple(x.shape)}")
-    if weight is not None:
+    whd = recipe.weight_heads_dim
+    if whd and not -x.dim() <= whd <= -2:
+        raise ValueError(f"qkfuse: weight_heads_dim={whd} is not a leading dim of {name} {tuple(x.shape)}")
+    if hd:
+        shape, what = (x.shape[hd] * head_dim,), "heads * head_dim (norm across heads)"
+    elif whd:
+        shape, what = (x.shape[whd], head_dim), f"a row per head of dim {whd} (weight_heads_dim)"
+    else:
+        shape, what = (head_dim,), "per-head norm"
+    for t, tname in ((weight, "weight"), (bias, "bias")):
+        if t is None:
+            continue
         if recipe.norm == "none":
-            raise ValueError("qkfuse: a weight was given but norm='none'")
-        check_tensor(weight, f"{name} weight", x.device)
-        size, what = (x.shape[hd] * head_dim, "heads * head_dim (norm across heads)") if hd else (head_dim, "per-head norm")
-        if weight.dim() != 1 or weight.shape[0] != size:
-            raise ValueError(f"qkfuse: {name} weight must have shape [{size}] ({what}), got {tuple(weight.shape)}")
+            raise ValueError(f"qkfuse: a {tname} was given but norm='none'")
+        check_tensor(t, f"{name} {tname}", x.device)
+        if t.dim() != len(shape) or any(a != b for a, b in zip(t.shape, shape)):
+            raise ValueError(f"qkfuse: {name} {tname} must have shape {list(shape)} ({what}), got {tuple(t.shape)}")
     rd = recipe.rotary_dim
     if rd < 0 or rd > head_dim or rd % 2:
         raise ValueError(f"qkfuse: rotary_dim must be even and in [0, {head_dim}], got {rd}")

@@ -25,6 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from qkfuse.kernels import triton_norm_rope as tk  # noqa: E402
 from qkfuse.kernels.reference import norm_rope_reference  # noqa: E402
+from qkfuse.ops.norm_rope import check_qk  # noqa: E402
 from qkfuse.ops.recipe import Recipe  # noqa: E402
 from tests.conftest import UNIT_ROUNDOFF, coarsest_rounding  # noqa: E402
 
@@ -610,3 +611,161 @@ def test_cache_write_skips_positions_outside_the_cache(interp):
     assert torch.equal(k_cache[:, :, [0, 2, 3]], before_k[:, :, [0, 2, 3]])
     assert torch.equal(v_cache[:, :, [0, 2, 3]], before_v[:, :, [0, 2, 3]])
     assert torch.equal(v_cache[:, :, 1], v[:, :, 0])
+
+
+# ---- LayerNorm (recipe norm="layer"): the mean subtracted, a bias, a weight row per head ----------
+
+# where make_inputs puts the heads, as a per-head weight's weight_heads_dim
+WEIGHT_HEADS_DIM = HEADS_DIM
+
+
+def _layer_case(dtype, layout, rope, across=False, weight_heads=False, head_dim=32, seed=21):
+    rd = {"neox": head_dim, "interleaved": head_dim, "partial": head_dim // 4, "none": 0}[rope]
+    recipe = Recipe(norm="layer", norm_dtype=dtype, rope_dtype=dtype, out_dtype=dtype, rotary_dim=rd,
+                    interleaved=rope == "interleaved", norm_heads_dim=HEADS_DIM[layout] if across else 0,
+                    weight_heads_dim=WEIGHT_HEADS_DIM[layout] if weight_heads else 0)
+    return Case(dtype=dtype, head_dim=head_dim, recipe=recipe, has_weight=True, weight_dtype=dtype,
+                cos_dtype=dtype, layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=1,
+                q_eps=1e-6, k_eps=0.5, scale=1.0, config=None, seed=seed, across=across)
+
+
+def _layer_inputs(c: Case, weight_heads: bool, offset: float = 3.0):
+    """make_inputs with rows far from zero mean (a kernel that skipped the centring would be far off),
+    per-head weights [H, D] (weight_heads) and biases laid out as the weights."""
+    q, k, qw, kw, cos, sin = make_inputs(c)
+    q.add_(offset)  # in place: make_inputs' strided layouts stay
+    k.add_(offset)
+    g = torch.Generator().manual_seed(c.seed + 1)
+    D = c.head_dim
+    if weight_heads:
+        qw = (1 + 0.5 * torch.randn(c.q_heads, D, generator=g)).to(c.weight_dtype)
+        kw = (1 + 0.5 * torch.randn(c.k_heads, D, generator=g)).to(c.weight_dtype)
+    qb = (0.5 * torch.randn(qw.shape, generator=g)).to(c.weight_dtype)
+    kb = (0.5 * torch.randn(kw.shape, generator=g)).to(c.weight_dtype)
+    return q, k, qw, kw, cos, sin, qb, kb
+
+
+def _check_layer(out, x, w, b, cos, sin, eps, c: Case):
+    ref = norm_rope_reference(x, w, cos, sin, eps, c.recipe, bias=b)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.stride() == ref.stride()
+    assert not torch.isnan(out.float()).any()
+    coarse = coarsest_rounding(c.recipe, c.dtype, c.has_weight)
+    err = error_units(out, ref, max(ref.double().abs().max().item(), 1.0), coarse)
+    assert err <= tolerance_units(c) + 1, f"{err:.2f} units of {coarse} (tolerance {tolerance_units(c) + 1:.2f})"
+    return ref
+
+
+def _run_layer(mod, c: Case, weight_heads: bool):
+    q, k, qw, kw, cos, sin, qb, kb = _layer_inputs(c, weight_heads)
+    check_qk(q, k, qw, kw, cos, sin, c.recipe, q_bias=qb, k_bias=kb)  # the ops' own argument checks
+    assert tk.supports(q, k, cos, c.recipe, sin, qw, kw, None, qb, kb) is None
+    q_out, k_out = mod.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe, q_bias=qb, k_bias=kb)
+    _check_layer(q_out, q, qw, qb, cos, sin, c.q_eps, c)
+    _check_layer(k_out, k, kw, kb, cos, sin, c.k_eps, c)
+    return q, k, qw, kw, cos, sin, qb, kb, q_out, k_out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm(interp, layout, rope, dtype):
+    """LayerNorm + bias, a [D] weight (Persimmon, Phi) and a weight row per head (Cohere, StableLM):
+    the reference's function, and distinguishable from the RMSNorm, from a missing bias and from
+    one head's weight for all."""
+    for weight_heads in (False, True):
+        c = _layer_case(dtype, layout, rope, weight_heads=weight_heads)
+        q, k, qw, kw, cos, sin, qb, kb, q_out, k_out = _run_layer(interp, c, weight_heads)
+        others = {
+            "rms": norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, norm="rms"), bias=qb),
+            "no bias": norm_rope_reference(q, qw, cos, sin, c.q_eps, c.recipe),
+        }
+        if weight_heads:
+            others["head 0's weight"] = norm_rope_reference(
+                q, qw[:1].expand_as(qw).contiguous(), cos, sin, c.q_eps, c.recipe, bias=qb)
+        for what, other in others.items():
+            assert (other.float() - q_out.float()).abs().max() > 0.1, what
+
+
+@pytest.mark.parametrize("rope", ["neox", "partial"])
+def test_layer_norm_across_heads(interp, rope):
+    """LayerNorm over all heads of a token (ESMC's q_norm on the flat projection)."""
+    c = _layer_case(torch.float32, "bhsd", rope, across=True)
+    q, k, qw, kw, cos, sin, qb, kb, q_out, k_out = _run_layer(interp, c, False)
+    per_head = norm_rope_reference(q, qw[:32], cos, sin, c.q_eps, dataclasses.replace(c.recipe, norm_heads_dim=0),
+                                   bias=qb[:32])
+    assert (per_head - q_out).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("head_dim,rope", [(80, "partial"), (48, "none"), (40, "neox")])
+def test_layer_norm_tail_chunks(interp, head_dim, rope):
+    """A pass-through tail wider than one chunk (read again for the centred sum of squares)."""
+    c = _layer_case(torch.bfloat16, "bshd_transposed", rope, head_dim=head_dim, weight_heads=True)
+    _run_layer(interp, c, True)
+
+
+def test_layer_norm_without_weight_and_cast_before(interp):
+    """Bias without a weight; and the normalised value rounded to the input dtype before the weight."""
+    c = _layer_case(torch.bfloat16, "bhsd", "neox")
+    q, k, qw, kw, cos, sin, qb, kb = _layer_inputs(c, False)
+    out, _ = interp.launch(q, None, None, None, cos, sin, 1e-5, 1e-5, c.recipe, q_bias=qb)
+    _check_layer(out, q, None, qb, cos, sin, 1e-5, dataclasses.replace(c, has_weight=False))
+    c2 = dataclasses.replace(c, recipe=dataclasses.replace(c.recipe, cast_before_weight=True))
+    out, _ = interp.launch(q, None, qw, None, cos, sin, 1e-5, 1e-5, c2.recipe, q_bias=qb)
+    _check_layer(out, q, qw, qb, cos, sin, 1e-5, c2)
+
+
+def test_supports_layer_norm_refusals():
+    c = _layer_case(torch.float32, "bhsd", "neox", weight_heads=True)
+    q, k, qw, kw, cos, sin, qb, kb = _layer_inputs(c, True)
+    assert "bias" in tk.supports(q, k, cos, c.recipe, sin, qw, kw, None, qb, None)
+    strided = torch.randn(qw.shape[0], 2 * qw.shape[1])[:, : qw.shape[1]]  # rows 2 * head_dim apart
+    assert "rows are not contiguous" in tk.supports(q, k, cos, c.recipe, sin, strided, kw, None, qb, kb)
+
+
+# Seeded bugs: each edit of the kernel source (run by the interpreter) is a plausible slip in the
+# LayerNorm mode; the checks above must catch every one of them.
+SEEDED_BUGS = {
+    "no centring of the rotated part": ("a = tl.where(lane, a - mu, 0.0)", "a = tl.where(lane, a, 0.0)"),
+    "no centring of a chunked tail": ("                pc = pc - mu\n", "                pc = pc\n"),
+    "bias dropped": ("        n = n + bias\n", "        n = n\n"),
+    "mean not over the heads (across)": ("mu = (s1 / (n_heads * HEAD_DIM))[:, :, None]",
+                                         "mu = (s1 / HEAD_DIM)[:, :, None]"),
+    "one weight row for every head": ("W_ROWS=across or bool(recipe.weight_heads_dim)", "W_ROWS=across"),
+}
+
+
+@pytest.mark.parametrize("bug", list(SEEDED_BUGS))
+def test_seeded_bugs_are_caught(bug):
+    old, new = SEEDED_BUGS[bug]
+    src = open(tk.__file__).read()
+    assert src.count(old) == 1, f"the seeded bug's anchor is not in the kernel source: {old!r}"
+    path = os.path.join(os.path.dirname(tk.__file__), f"_seeded_{abs(hash(bug))}.py")
+    name = "qkfuse.kernels._triton_seeded"
+    old_env = os.environ.get("TRITON_INTERPRET")
+    with open(path, "w") as f:
+        f.write(src.replace(old, new))
+    try:
+        with _interpreted_triton_language():
+            os.environ["TRITON_INTERPRET"] = "1"
+            try:
+                spec = importlib.util.spec_from_file_location(name, path)
+                mod = importlib.util.module_from_spec(spec)
+                mod.__package__ = "qkfuse.kernels"
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
+            finally:
+                if old_env is None:
+                    os.environ.pop("TRITON_INTERPRET", None)
+                else:
+                    os.environ["TRITON_INTERPRET"] = old_env
+            try:
+                across = "across" in bug
+                cases = [(_layer_case(torch.float32, "bhsd", "partial", across=across, head_dim=80,
+                                      weight_heads=not across), not across)]
+                with pytest.raises(AssertionError):
+                    for c, weight_heads in cases:
+                        _run_layer(mod, c, weight_heads)
+            finally:
+                sys.modules.pop(name, None)
+    finally:
+        os.remove(path)

@@ -208,7 +208,14 @@ def test_valid_baseline_runs():
     ("missing sin", dict(sin=None), r"needs cos and sin"),
     ("nothing to do", dict(weight=None, cos=None, sin=None, recipe=Recipe(norm="none")), r"nothing to do"),
     ("weight with norm='none'", dict(recipe=Recipe(norm="none", rotary_dim=16)), r"weight was given but norm='none'"),
-    ("unknown norm", dict(recipe=Recipe(norm="layer", rotary_dim=16)), r"norm must be one of"),
+    ("unknown norm", dict(recipe=Recipe(norm="group", rotary_dim=16)), r"norm must be one of"),
+    ("positive weight_heads_dim", dict(recipe=Recipe(norm="layer", rotary_dim=16, weight_heads_dim=1)),
+     r"weight_heads_dim must be 0"),
+    ("weight_heads_dim and across heads", dict(recipe=Recipe(norm="layer", rotary_dim=16, weight_heads_dim=-2,
+                                                             norm_heads_dim=-3)), r"are both set"),
+    ("[D] weight with weight_heads_dim", dict(recipe=Recipe(norm="layer", rotary_dim=16, weight_heads_dim=-3)),
+     r"weight must have shape \[4, 32\]"),
+    ("L2 layer norm", dict(recipe=Recipe(norm="layer", rotary_dim=16, norm_sum=True)), r"norm_sum"),
     ("1-d input", dict(x=torch.randn(32), weight=None, cos=None, sin=None, recipe=Recipe(norm="rms")),
      r"at least 2 dims"),
 ])
@@ -304,15 +311,19 @@ def test_qk_norm_rope_cached_positions_out_of_range(bad):
 @pytest.mark.parametrize("op", ["norm_rope", "qk_norm_rope", "qk_norm_rope_cached"])
 def test_op_schemas_end_with_the_recipe_fields(op):
     """The ops' recipe arguments are generated from the Recipe dataclass (ops/recipe.py::recipe_schema):
-    its fields, in order, required up to `interleaved`, the later ones with their defaults."""
+    its fields, in order, required up to `interleaved`, the later ones with their defaults; after
+    them only the norms' optional biases (Tensor?, default None)."""
     import dataclasses
 
     from qkfuse.ops.recipe import Recipe
 
     fields = dataclasses.fields(Recipe)
-    args = getattr(torch.ops.qkfuse, op).default._schema.arguments[-len(fields):]
+    biases = ["bias"] if op == "norm_rope" else ["q_bias", "k_bias"]
+    schema_args = getattr(torch.ops.qkfuse, op).default._schema.arguments
+    args, tail = schema_args[-len(fields) - len(biases):-len(biases)], schema_args[-len(biases):]
     assert [a.name for a in args] == [f.name for f in fields]
     assert [a.has_default_value() for a in args] == [i >= 8 for i in range(len(fields))]
+    assert [a.name for a in tail] == biases and all(a.has_default_value() and a.default_value is None for a in tail)
     # a call that leaves out the defaulted fields is the per-head recipe
     x = torch.randn(2, 4, 3, 8)  # [B, H, S, D]
     cos, sin = torch.randn(3, 8), torch.randn(3, 8)
@@ -321,3 +332,29 @@ def test_op_schemas_end_with_the_recipe_fields(op):
         out = torch.ops.qkfuse.norm_rope(x, None, cos, sin, 1e-6, None, *legacy)
         full = torch.ops.qkfuse.norm_rope(x, None, cos, sin, 1e-6, None, *Recipe(norm="rms", rotary_dim=8).op_args())
         assert torch.equal(out, full)
+
+
+# ---- LayerNorm: bias (an optional tensor after the recipe's fields) and a weight row per head -----
+
+
+def test_layer_norm_op_with_bias_and_per_head_weight():
+    """norm="layer" with a bias and an [H, D] weight equals F.layer_norm then the per-head affine; the
+    bias goes after the recipe's fields (positional calls written before it keep working), and the
+    ops pass torch.library.opcheck with it."""
+    g = _gen(7)
+    x = _randn(g, 2, 4, 3, 32) + 2.0  # [B, H, S, D], the heads at dim -3
+    w, b = _randn(g, 4, 32), _randn(g, 4, 32)
+    recipe = Recipe(norm="layer", weight_heads_dim=-3)
+    out = norm_rope(x, w, None, None, 1e-5, None, *recipe.op_args(), b)
+    expect = torch.nn.functional.layer_norm(x, (32,), None, None, 1e-5) * w[:, None] + b[:, None]
+    assert float((out - expect).abs().max() / expect.abs().max()) < 1e-6
+    qo, ko = qk_norm_rope(x, x[:, :2], w, w[:2], None, None, 1e-5, 1e-5, None, None, *recipe.op_args(), b, b[:2])
+    assert torch.equal(qo, out) and torch.equal(ko, out[:, :2])
+    for args in ((x, w, None, None, 1e-5, None, *recipe.op_args(), b),
+                 (x, w, None, None, 1e-5, None, *recipe.op_args())):
+        result = torch.library.opcheck(norm_rope, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    with pytest.raises(ValueError, match=r"x bias must have shape \[4, 32\]"):
+        norm_rope(x, w, None, None, 1e-5, None, *recipe.op_args(), b[0])
+    with pytest.raises(ValueError, match=r"bias was given but norm='none'"):
+        norm_rope(x, None, None, None, 1e-5, None, *Recipe(norm="none", rotary_dim=0).op_args(), b)
