@@ -62,6 +62,9 @@ TINY = dict(
     sliding_window=8, attention_chunk_size=8, num_kv_shared_layers=0, depth=2, image_size=32, patch_size=8,
     out_hidden_size=64, projection_dim=64,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    # q/k norms that configs leave off by default (Persimmon, Phi, StableLM: LayerNorm; Cohere:
+    # CohereLayerNorm; GLM4-MoE: RMSNorm): the scan is of the q/k-norm path
+    qk_layernorm=True, use_qk_norm=True,
 )
 
 # The popular RoPE families (used by --select popular together with every QK-norm architecture).

@@ -73,7 +73,7 @@ class _Run:
         """One record (and counter) for a site, or for a refused candidate node of `family`."""
         if isinstance(site_or_node, Site):
             s = site_or_node
-            recipe = s.recipe.describe() + (f" + {s.cache.describe()}" if s.cache is not None else "")
+            recipe = s.recipe.describe(s.bias is not None) + (f" + {s.cache.describe()}" if s.cache is not None else "")
             rec = SiteRecord(s.family, fused, reason, s.anchor.name, _shape(s.anchor),
                              None if partner is None else _shape(partner.anchor),
                              str(dtype_of(s.anchor)).replace("torch.", ""), recipe, self.gid)
@@ -285,8 +285,9 @@ def _choose(group, options: Options):
     vals = [s.op_input(tensor_val(s.x)) for s in group]
     return policy.choose(
         options.kernels, vals[0], vals[1] if k is not None else None, tensor_val(q.cos), q.recipe,
-        any(isinstance(s.eps, torch.fx.Node) for s in group), tensor_val(q.sin), tensor_val(q.weight),
-        None if k is None else tensor_val(k.weight))
+        any(isinstance(s.eps, torch.fx.Node) for s in group), tensor_val(q.sin), q.param_value("weight"),
+        None if k is None else k.param_value("weight"), q.param_value("bias"),
+        None if k is None else k.param_value("bias"))
 
 
 def _cache_write(site: Site, order: dict, taken: set, options: Options):

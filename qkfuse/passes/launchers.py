@@ -42,8 +42,25 @@ class _Inputs:
                 self.nodes.append(node)
             self.names[name] = self.nodes.index(node)
 
-    def bind(self, tensors) -> dict:
-        return {name: tensors[i] for name, i in self.names.items()}
+    def add_param(self, name: str, param):
+        """A weight or bias: one node, or one node per head (stacked into [H, D] by `bind`)."""
+        if isinstance(param, tuple):
+            for i, n in enumerate(param):
+                self.add(f"{name}#{i}", n)
+            self.stacked = {**getattr(self, "stacked", {}), name: len(param)}
+        else:
+            self.add(name, param)
+
+    def bind(self, tensors, rows: bool = False) -> dict:
+        """Name -> traced tensor; weights and biases become [H, D] with `rows` (a row per head: stacked
+        per-head nodes, or an [H, 1, D] one flattened), else [D] (or [H * D] across heads)."""
+        t = {name: tensors[i] for name, i in self.names.items()}
+        for name, n in getattr(self, "stacked", {}).items():
+            t[name] = torch.stack([t.pop(f"{name}#{i}") for i in range(n)])
+        for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
+            if name in t and t[name].dim() != (2 if rows else 1):  # ([1, .., 1, D] -> [D])
+                t[name] = t[name].reshape(-1, t[name].shape[-1]) if rows else t[name].reshape(-1)
+        return t
 
 
 def launcher(kernel: str, group: tuple[Site, ...]):
@@ -56,7 +73,8 @@ def launcher(kernel: str, group: tuple[Site, ...]):
         if s is None:
             continue
         ins.add(f"{tag}_x", s.x)
-        ins.add(f"{tag}_weight", s.weight)
+        ins.add_param(f"{tag}_weight", s.weight)
+        ins.add_param(f"{tag}_bias", s.bias)
         ins.add(f"{tag}_eps_t", _eps_parts(s.eps)[1])
         if s.cache is not None:
             ins.add("cache", s.cache.cache)
@@ -86,7 +104,7 @@ def launcher(kernel: str, group: tuple[Site, ...]):
                         for s in (q, k))
 
         def fn(*tensors):
-            t = ins.bind(tensors)
+            t = ins.bind(tensors, rows=bool(recipe.weight_heads_dim))
             qx, kx, v = inputs(t)
             qe = q_eps if "q_eps_t" not in t else t["q_eps_t"].item()
             ke = k_eps if "k_eps_t" not in t else t["k_eps_t"].item()
@@ -96,7 +114,8 @@ def launcher(kernel: str, group: tuple[Site, ...]):
             # the inputs before their permutes (same data pointer) as the kernel's pointers
             bases = {name: t[key] for name, key in (("q", "q_x"), ("k", "k_x"), ("v", "v")) if key in t}
             qo, ko = tk.launch(qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"),
-                               qe, ke, recipe, traceable=True, cache=kv, out_strides=strides, bases=bases)
+                               qe, ke, recipe, traceable=True, cache=kv, out_strides=strides, bases=bases,
+                               q_bias=t.get("q_bias"), k_bias=t.get("k_bias"))
             if kv is None:
                 return (qo,) if ko is None else (qo, ko)
             caches = (kv.cache,) + ((kv.v_cache,) if kv.v is not None else ())
@@ -112,10 +131,10 @@ def launcher(kernel: str, group: tuple[Site, ...]):
                 from ..kernels.reference import norm_rope_reference
 
                 qo = norm_rope_reference(qx, t.get("q_weight"), t.get("cos"), t.get("sin"),
-                                         t.get("q_eps_t", q_eps), recipe, dense_layout=False)
+                                         t.get("q_eps_t", q_eps), recipe, dense_layout=False, bias=t.get("q_bias"))
                 ko = None if kx is None else norm_rope_reference(
                     kx, t.get("k_weight"), t.get("cos"), t.get("sin"), t.get("k_eps_t", k_eps), recipe,
-                    dense_layout=False)
+                    dense_layout=False, bias=t.get("k_bias"))
                 return qo, ko
             if kernel == "flashinfer":
                 from ..kernels import flashinfer as fi
@@ -126,13 +145,14 @@ def launcher(kernel: str, group: tuple[Site, ...]):
                 return outs[0], (outs[1] if kx is not None else None)
             if kx is None:
                 return torch.ops.qkfuse.norm_rope.default(
-                    qx, t.get("q_weight"), t.get("cos"), t.get("sin"), q_eps, t.get("q_eps_t"), *op_args), None
+                    qx, t.get("q_weight"), t.get("cos"), t.get("sin"), q_eps, t.get("q_eps_t"), *op_args,
+                    t.get("q_bias")), None
             return torch.ops.qkfuse.qk_norm_rope.default(
                 qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"), q_eps, k_eps,
-                t.get("q_eps_t"), t.get("k_eps_t"), *op_args)
+                t.get("q_eps_t"), t.get("k_eps_t"), *op_args, t.get("q_bias"), t.get("k_bias"))
 
         def fn(*tensors):
-            t = ins.bind(tensors)
+            t = ins.bind(tensors, rows=bool(recipe.weight_heads_dim))
             qx, kx, v = inputs(t)
             qo, ko = rope(t, qx, kx)
             if cw is None:

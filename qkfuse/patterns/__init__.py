@@ -1,11 +1,11 @@
 """Pattern families: what the pass fuses, read from the post-grad graph as plain data.
 
-Reusable matchers, each on its own: ``rope.py`` (RoPE output), ``rms_norm.py`` (RMSNorm output),
+Reusable matchers, each on its own: ``rope.py`` (RoPE output), ``rms_norm.py`` (RMSNorm or LayerNorm output),
 ``kv_cache.py`` (the KV-cache write after a k site), all reading nodes through ``canon.py``. A
 family (the ``Family`` protocol, ``family.py``) composes them in a few lines:
 
-- ``norm_rope``: per-head RMSNorm of q and k followed by RoPE (neox or interleaved, full or
-  partial rotary), paired into one q+k call when they share cos/sin.
+- ``norm_rope``: per-head RMSNorm or LayerNorm of q and k followed by RoPE (neox or interleaved,
+  full or partial rotary), paired into one q+k call when they share cos/sin.
 - ``rope`` (opt-in): the same RoPE without a norm in front.
 - ``norm`` (opt-in): per-head RMSNorms of q and k with no RoPE after them, one call for the pair.
 

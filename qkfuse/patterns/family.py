@@ -70,6 +70,9 @@ class Site:
     # (heads, head_dim): x's last dim holds all heads (a norm across heads, before the head view)
     split: tuple[int, int] | None = None
     cache_note: str = ""  # why a KV-cache write after this site stays with Inductor (shown by explain)
+    # the norm's bias (added after the weight), laid out as the weight. weight and bias may be
+    # one node per head (StableLM's LayerNorm per head): the op gets them stacked, [H, D]
+    bias: Node | tuple[Node, ...] | None = None
 
     def op_input(self, x):
         """The fused op's input from x (a tensor: a traced one or x's meta value)."""
@@ -91,8 +94,21 @@ class Site:
         return self.cache.targets() if self.cache is not None else [self.anchor]
 
     def input_nodes(self) -> list[Node]:
-        nodes = [n for n in (self.x, self.weight, self.cos, self.sin, self.eps) if isinstance(n, Node)]
+        params = [n for p in (self.weight, self.bias) for n in (p if isinstance(p, tuple) else (p,))]
+        nodes = [n for n in (self.x, *params, self.cos, self.sin, self.eps) if isinstance(n, Node)]
         return nodes + (self.cache.input_nodes() if self.cache is not None else [])
+
+    def param_value(self, which: str):
+        """The value the op gets as the weight (``which="weight"``) or bias: the node's, or the per-head
+        nodes' stacked ([H, D]); None when there is none."""
+        p = getattr(self, which)
+        if isinstance(p, tuple):
+            return torch.stack([tensor_val(n) for n in p])
+        v = tensor_val(p)
+        rows = bool(self.recipe.weight_heads_dim)
+        if v is not None and v.dim() != (2 if rows else 1):  # as the launcher passes it: [H, 1, D] -> [H, D]
+            v = v.reshape(-1, v.shape[-1]) if rows else v.reshape(-1)
+        return v
 
     def output_users(self) -> list[Node]:
         return [u for t in self.targets() for u in t.users]
@@ -106,9 +122,10 @@ class Site:
 
     def pair_key(self):
         """Sites with equal keys can share one launch."""
-        w = tensor_val(self.weight)
+        w, b = self.param_value("weight"), self.param_value("bias")
         return (
             self.recipe,
+            None if b is None else b.dtype,
             canon.data_identity(self.cos),
             canon.data_identity(self.sin),
             None if w is None else w.dtype,

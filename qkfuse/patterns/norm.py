@@ -74,7 +74,7 @@ class NormOnly:
     def match(self, candidate: Node, ctx: MatchContext) -> Site:
         norm = rms_norm.match_rms_norm(candidate)
         require_static_head_dim(norm.x)
-        recipe = Recipe(**norm.recipe_part(), out_dtype=canon.dtype_of(candidate))
+        recipe = Recipe(**norm.recipe_part(), out_dtype=canon.dtype_of(candidate), weight_heads_dim=norm.heads_dim)
         check_interior(norm.interior, candidate)
         x_dims = list(range(tensor_val(norm.x).dim()))
         return Site(FAMILY, candidate, norm.x, x_dims, norm.weight, norm.eps, None, None, recipe, norm.interior,

@@ -1,9 +1,10 @@
-"""Families anchored on a RoPE output: ``norm_rope`` (per-head RMSNorm, then RoPE) and ``rope``.
+"""Families anchored on a RoPE output: ``norm_rope`` (per-head norm, then RoPE) and ``rope``.
 
 ``norm_rope``: the RoPE (rope.py), up through views that keep rows intact (transpose, same-shape
-view), to the RMSNorm (rms_norm.py): per head, or across heads when a head view
-(``view(..., H, D)``) of the norm output comes first (OLMo2/3, OLMoE, MiniMax-M2: the recipe's
-``norm_heads_dim``). ``rope`` (off by default): the same RoPE with no norm in
+view), to the RMSNorm or LayerNorm (rms_norm.py): per head, or across heads when a head view
+(``view(..., H, D)``) of the norm output comes first (OLMo2/3, OLMoE, MiniMax-M2, ESMC: the
+recipe's ``norm_heads_dim``); a weight with a row per head (Cohere, StableLM) is the recipe's
+``weight_heads_dim``, in the op input's layout. ``rope`` (off by default): the same RoPE with no norm in
 front; a RoPE that a norm feeds belongs to ``norm_rope`` (fusing the RoPE alone would cut the
 norm+RoPE kernel Inductor generates in two).
 
@@ -45,7 +46,7 @@ def _rotated_part_of_a_norm(y: Node) -> str | None:
     if sl is None:
         return None
     try:
-        rms_norm.match_rms_norm(_rows_of(sl.src).src)
+        rms_norm.match_norm(_rows_of(sl.src).src)
     except Refused:
         return None
     if sl.start == 0:
@@ -63,10 +64,13 @@ def _norm_of(rows: canon.RowViews):
     if split is not None:
         flat, heads, head_dim = split
         try:
-            return rms_norm.match_rms_norm(flat), [*rows.nodes, rows.src], (heads, head_dim)
+            norm = rms_norm.match_norm(flat)
+            if norm.heads_dim:  # (a [H, D] weight of a flat [.., H*D] norm: not a norm across heads)
+                raise Refused("an [H, D] weight on a norm across heads")
+            return norm, [*rows.nodes, rows.src], (heads, head_dim)
         except Refused:
             pass
-    return rms_norm.match_rms_norm(rows.src), rows.nodes, None
+    return rms_norm.match_norm(rows.src), rows.nodes, None
 
 
 def match_site(add: Node) -> Site:
@@ -80,11 +84,14 @@ def match_site(add: Node) -> Site:
     require_static_head_dim(norm.x)
     n = len(rows.perm)  # across heads: the heads are dim n - 2 of the head view; perm moves them
     heads_dim = rows.perm.index(n - 2) - n if head_view is not None else 0
-    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=heads_dim)
+    # a weight with a row per head of the norm input's dim norm.heads_dim: that dim's place in the op input
+    weight_heads_dim = rows.perm.index(n + norm.heads_dim) - n if norm.heads_dim else 0
+    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=heads_dim,
+                    weight_heads_dim=weight_heads_dim)
     interior = [*r.interior, *views, *norm.interior]
     check_interior(interior, r.anchor)
     return Site(FAMILY, r.anchor, norm.x, rows.perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
-                norm.leaves, split=head_view)
+                norm.leaves, split=head_view, bias=norm.bias)
 
 
 class NormRope:
@@ -111,7 +118,7 @@ class RopeOnly(NormRope):
             pass
         else:
             disabled = "" if FAMILY in ctx.families else f", and family {FAMILY!r} is disabled"
-            raise Refused(f"an RMSNorm feeds this RoPE: a {FAMILY} site{disabled}", wrong_kind=True,
+            raise Refused(f"a q/k norm feeds this RoPE: a {FAMILY} site{disabled}", wrong_kind=True,
                           site_of=FAMILY)
         require_static_head_dim(y)
         recipe = Recipe(norm="none", norm_dtype=dtype_of(y), **r.recipe_part())

@@ -117,16 +117,17 @@ def test_gemma_offset_in_bf16_is_refused():
     assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
-def test_per_head_weight_matrix_is_refused():
-    """Cohere-style [H, D] norm weight: not a per-head-shared [D] weight."""
+def test_weight_varying_over_tokens_is_refused():
+    """A norm weight [S, H, D] (a row per token and head) is neither a [D] weight nor a row per head
+    (Cohere's [H, D], fused: tests/patterns/test_layer_norm.py)."""
 
     def fn(q, k, qw, kw, cos, sin):
-        qn = llama_norm(q, qw.expand(HQ, D) * 1.0).transpose(1, 2)
+        qn = llama_norm(q, qw.expand(S, HQ, D) * 1.0).transpose(1, 2)
         kn = llama_norm(k, kw).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return rope(qn, c, s), rope(kn, c, s)
 
-    run = check(fn, inputs(), {"q": "weight is not a 1-D tensor"}, fused=1)
+    run = check(fn, inputs(), {"q": "is not [heads, (1, ...,) head_dim]"}, fused=1)
     assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
@@ -196,24 +197,17 @@ def test_disabled_pass_changes_nothing():
 
 
 
-def _layer_norm_cohere(x, w, eps=1e-5):  # CohereLayerNorm: float32 mean and variance, no bias
-    dt, x = x.dtype, x.to(torch.float32)
-    mean = x.mean(-1, keepdim=True)
-    x = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
-    return (w.to(torch.float32) * x).to(dt)
-
-
 def _l2_norm_clamped(x, w, eps=1e-6):  # ZAYA: x * (sqrt(D) / max(||x||, eps)): a division, not rsqrt
     return x * (x.shape[-1] ** 0.5 / x.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
 
 
+# (LayerNorms, nn.LayerNorm's and Cohere's, are fused now: tests/patterns/test_layer_norm.py)
 @pytest.mark.parametrize("norm,kind", [
-    (lambda x, w: torch.nn.functional.layer_norm(x, (D,), w), "a LayerNorm feeds this RoPE"),
-    (_layer_norm_cohere, "a LayerNorm (x - mean(x)) feeds this RoPE"),
     (_l2_norm_clamped, "an L2 norm (x scaled by 1 / ||x||) feeds this RoPE"),
-], ids=["layer_norm", "cohere", "l2"])
+], ids=["l2"])
 def test_other_norms_are_named_in_the_refusal(norm, kind):
-    """A q/k norm that is not an RMSNorm is left to Inductor, and explain says which norm it is."""
+    """A q/k norm that is neither an RMSNorm nor a LayerNorm is left to Inductor, and explain says
+    which norm it is."""
 
     def fn(q, k, qw, kw, cos, sin):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
