@@ -22,8 +22,9 @@ from torch import Tensor
 
 from .kernels.policy import triton_available
 from .kernels.reference import cos_sin_from_cache, norm_rope_reference
-from .ops.norm_rope import check_cached, check_positions_in_range, check_qk, check_single, run_kernel
-from .ops.recipe import Recipe, check_tensor
+from .ops.norm_rope import (check_cached, check_positions_in_range, check_qk, check_single, kernel_computes,
+                             run_kernel)
+from .ops.recipe import Recipe, check_tensor, tensor_key
 
 __all__ = ["norm_rope", "qk_norm_rope"]
 
@@ -291,9 +292,7 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions)
     if _direct_kernel(q):
-        _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions)
-        return run_kernel(q, k, q_weight, k_weight, cos if cache is None else cache, sin, q_eps, k_eps, recipe,
-                          positions)
+        return _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions)
     args = recipe.op_args()
     if k is None:
         return (torch.ops.qkfuse.norm_rope.default(q, q_weight, cos, sin, q_eps, None, *args),)
@@ -304,13 +303,36 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
                                                  *args)
 
 
-def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions) -> None:
+# Input layouts whose checks passed, and whether the Triton kernel computes them (else the
+# reference does): the checks read shapes, strides and dtypes only, so an eager loop pays them once.
+_CHECKED: dict = {}
+_MAX_CHECKED = 1024
+
+
+def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions):
+    tensors = (q, k, q_weight, k_weight, cos, sin, cache, positions)
+    key = (recipe, *map(tensor_key, tensors))
+    kernel_ok = _CHECKED.get(key)
+    if kernel_ok is None:
+        _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=False)
+        kernel_ok = _CHECKED[key] = kernel_computes(q, k, q_weight, k_weight, cos if cache is None else cache, sin,
+                                                    recipe, positions)
+        if len(_CHECKED) > _MAX_CHECKED:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    if cache is not None:  # the positions' values, on every call
+        check_positions_in_range(positions, cache.shape[0])
+    return run_kernel(q, k, q_weight, k_weight, cos if cache is None else cache, sin, q_eps, k_eps, recipe,
+                      positions, use_kernel=kernel_ok)
+
+
+def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=True) -> None:
     """The op's checks, for the paths that do not call the op."""
     if k is None:
         check_single(q, q_weight, cos, sin, None, recipe)
     elif cache is not None:
         check_cached(q, k, q_weight, k_weight, cache, positions, recipe)
-        check_positions_in_range(positions, cache.shape[0])
+        if data:
+            check_positions_in_range(positions, cache.shape[0])
     else:
         check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
 

@@ -423,7 +423,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from ..ops.recipe import DTYPE_CODES, Recipe, _hint, new_output  # noqa: E402
+from ..ops.recipe import DTYPE_CODES, Recipe, _hint, new_output, tensor_key  # noqa: E402
 
 
 # A norm across heads keeps all heads of a token in one program: rows up to this many elements
@@ -563,6 +563,11 @@ def _strides3(t: torch.Tensor | None, lead_shape, axes: _Axes) -> tuple:
         else:
             out.append(t.stride(cd))
     return tuple(out)
+
+
+def _eps_arg(v):
+    """eps as the kernel takes it; a plan being made passes the names of its eps slots through."""
+    return v if isinstance(v, str) else _as_float(v)
 
 
 def _as_float(v):
@@ -729,7 +734,93 @@ def launch(
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
+
+    Eager calls (concrete shapes, no cache target, no bases) reuse a launch plan per input layout:
+    what is derived from shapes, strides, dtypes and the recipe is computed once (see _Plan).
     """
+    plain = not traceable and cache is None and bases is None
+    if plain:
+        tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias)
+        # which inputs are one tensor (q's weight given for k's too): a plan's slots follow it
+        aliases = tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
+        key = (recipe, config, num_stages, out_strides, aliases, *map(tensor_key, tensors))
+        plan = _PLANS.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = _PLANS[key] = _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions,
+                                       out_strides, q_bias, k_bias)
+            if len(_PLANS) > _MAX_PLANS:  # a bounded cache: shapes seen long ago are planned again
+                _PLANS.pop(next(iter(_PLANS)))
+        if plan is not None:
+            return plan.run(tensors, q_eps, k_eps)
+    return _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, traceable, config, num_stages,
+                        positions, cache, out_strides, bases, q_bias, k_bias)
+
+
+# Slots of a plan's tensor arguments: the call's inputs in _Plan.run's order, then its outputs.
+_INPUTS = ("q", "k", "q_weight", "k_weight", "cos", "sin", "positions", "q_bias", "k_bias")
+_MAX_PLANS = 256
+_PLANS: dict = {}
+_UNPLANNED = object()
+
+
+class _Slot(int):
+    """A tensor argument of a planned launch: index into (inputs..., q_out, k_out)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    grid: tuple
+    outputs: tuple  # ((shape, strides, dtype, device) of q_out, of k_out or None)
+    args: tuple  # the kernel's positional arguments: _Slot for a tensor, "q_eps"/"k_eps", else as is
+    kwargs: dict
+
+    def run(self, tensors, q_eps, k_eps):
+        outs = tuple(None if o is None else torch.empty_strided(o[0], o[1], dtype=o[2], device=o[3])
+                     for o in self.outputs)
+        every = (*tensors, *outs)
+        eps = {"q_eps": _as_float(q_eps), "k_eps": _as_float(k_eps)}
+        args = [every[a] if type(a) is _Slot else eps[a] if type(a) is str else a for a in self.args]
+        qk_norm_rope_kernel[self.grid](*args, **self.kwargs)
+        return outs
+
+
+class _Recorder:
+    """Stands in for the kernel while a plan is made: keeps the grid and the arguments."""
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.call = (grid, args, kwargs)
+        return record
+
+
+def _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions, out_strides, q_bias,
+          k_bias) -> _Plan | None:
+    """The launch for these inputs' layout, or None where a plan cannot stand for it (a symbolic
+    size, an argument that is none of the call's tensors): such calls take the full path each time."""
+    recorder = _Recorder()
+    q_out, k_out = _launch_full(q, k, q_weight, k_weight, cos, sin, "q_eps", "k_eps", recipe, False, config,
+                                num_stages, positions, None, out_strides, None, q_bias, k_bias, kernel=recorder)
+    grid, args, kwargs = recorder.call
+    tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias, q_out, k_out)
+
+    slots = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            # the first slot holding this very tensor (a dummy pointer is another input)
+            i = next((i for i, t in enumerate(tensors) if t is a), None)
+            if i is None:
+                return None
+            slots.append(_Slot(i))
+        elif isinstance(a, (torch.SymInt, torch.SymFloat)):
+            return None
+        else:
+            slots.append(a)
+    outputs = tuple(None if o is None else (tuple(o.shape), o.stride(), o.dtype, o.device) for o in (q_out, k_out))
+    return _Plan(grid, outputs, tuple(slots), dict(kwargs))
+
+
+def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, traceable, config, num_stages,
+                 positions, cache, out_strides, bases, q_bias, k_bias, kernel=None):
     cached_is_k = cache is not None and k is not None
     cached_is_q = cache is not None and k is None
     q_strides, k_strides = out_strides if out_strides is not None else (None, None)
@@ -799,12 +890,13 @@ def launch(
     tail_chunk = _next_pow2(max(rd // 2, 1)) if rd else _next_pow2(head_dim)
     grid = (triton.cdiv(n_tokens, config.block_t) * head_blocks,)
     bases = bases or {}
-    kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
+    if kernel is None:
+        kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     kernel[grid](
         bases.get("q", q), bases.get("k", k), q_out, k_out,
         q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
         q if cos is None else cos, q if sin is None else sin,
-        _as_float(q_eps), _as_float(k_eps),
+        _eps_arg(q_eps), _eps_arg(k_eps),
         n_tokens, n_inner, q_heads, q_heads if k is None else k_heads, q_head_blocks, k_head_blocks,
         head_blocks,
         *q_str, *k_str, *qo_str, *ko_str,

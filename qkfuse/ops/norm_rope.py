@@ -166,16 +166,28 @@ def _eps_value(value: float, tensor: Tensor | None) -> float:
     return value if tensor is None else float(tensor.item())
 
 
-def run_kernel(q, k, q_weight, k_weight, cos, sin, q_eps: float, k_eps: float, recipe: Recipe, positions=None,
-               kernels=None, q_bias=None, k_bias=None):
-    """Validated inputs → the Triton kernel where it computes them exactly (tk.supports), else the
-    reference. With positions, cos is the cos/sin cache (range-checked by the caller) and sin unused.
-    ``kernels``: the Triton kernel module (tests pass a copy run by Triton's interpreter)."""
+def kernel_computes(q, k, q_weight, k_weight, cos, sin, recipe: Recipe, positions=None, kernels=None,
+                    q_bias=None, k_bias=None) -> bool:
+    """Whether the Triton kernel computes these (validated) inputs exactly; else the reference does."""
     if kernels is None:
         from ..kernels import triton_norm_rope as kernels
 
-    if not _rounds_tables(cos, sin, recipe) and kernels.supports(q, k, cos, recipe, sin, q_weight, k_weight,
-                                                                 positions, q_bias, k_bias) is None:
+    return not _rounds_tables(cos, sin, recipe) and kernels.supports(q, k, cos, recipe, sin, q_weight, k_weight,
+                                                                     positions, q_bias, k_bias) is None
+
+
+def run_kernel(q, k, q_weight, k_weight, cos, sin, q_eps: float, k_eps: float, recipe: Recipe, positions=None,
+               kernels=None, q_bias=None, k_bias=None, use_kernel=None):
+    """Validated inputs → the Triton kernel where it computes them exactly (tk.supports), else the
+    reference. With positions, cos is the cos/sin cache (range-checked by the caller) and sin unused.
+    ``kernels``: the Triton kernel module (tests pass a copy run by Triton's interpreter).
+    ``use_kernel``: kernel_computes' answer for these inputs, when the caller has it."""
+    if kernels is None:
+        from ..kernels import triton_norm_rope as kernels
+
+    if use_kernel is None:
+        use_kernel = kernel_computes(q, k, q_weight, k_weight, cos, sin, recipe, positions, kernels, q_bias, k_bias)
+    if use_kernel:
         return kernels.launch(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, positions=positions,
                               q_bias=q_bias, k_bias=k_bias)
     if positions is not None:

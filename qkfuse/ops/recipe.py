@@ -270,6 +270,12 @@ def _hint(v) -> int:
     return int(v)
 
 
+def tensor_key(t):
+    """What a launch plan or an input check depends on of a tensor (not its data or address):
+    None, or (shape, strides, dtype, device). Only for concrete shapes (eager calls)."""
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
 def dense_strides(x: torch.Tensor) -> list:
     """Dense strides in x's stride order (outermost = largest stride; ties keep dim order).
 

@@ -769,3 +769,81 @@ def test_seeded_bugs_are_caught(bug):
                 sys.modules.pop(name, None)
     finally:
         os.remove(path)
+
+
+# ---- eager launch plans ------------------------------------------------------------------------------
+
+def test_launch_plans_follow_each_call(interp):
+    """An eager launch reuses the plan made for its inputs' layout (the host cost of planning is paid
+    once) and still computes each call from its own tensors: fresh data, another eps, a weight that
+    was q's in the planned call and is k's own now, and new outputs every time."""
+    torch.manual_seed(3)
+    D = 16
+    recipe = Recipe("rms", 0.0, True, torch.float32, torch.float32, torch.float32, D, False)
+
+    def fresh():
+        q, k = torch.randn(2, 5, 4, D), torch.randn(2, 5, 2, D)
+        ang = torch.rand(2, 5, 1, D // 2) * 6.3
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        return q, k, 1 + 0.3 * torch.randn(D), 1 + 0.3 * torch.randn(D), cos, sin
+
+    def check(q, k, qw, kw, cos, sin, eps, outs):
+        for out, x, w in zip(outs, (q, k), (qw, kw)):
+            ref = norm_rope_reference(x, w, cos, sin, eps, recipe)
+            assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (eps, tuple(x.shape))
+
+    interp._PLANS.clear()
+    q, k, qw, _, cos, sin = fresh()
+    first = interp.launch(q, k, qw, qw, cos, sin, 1e-6, 1e-6, recipe)  # one tensor as both weights
+    check(q, k, qw, qw, cos, sin, 1e-6, first)
+    assert len(interp._PLANS) == 1
+    q, k, qw, kw, cos, sin = fresh()
+    second = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe)  # same layout, k's own weight
+    check(q, k, qw, kw, cos, sin, 1e-6, second)
+    assert len(interp._PLANS) == 2  # the weights' aliasing is part of the plan's key
+    third = interp.launch(q, k, qw, kw, cos, sin, 0.5, 0.5, recipe)  # eps is the call's, not the plan's
+    check(q, k, qw, kw, cos, sin, 0.5, third)
+    q2, k2, qw2, kw2, cos2, sin2 = fresh()
+    fourth = interp.launch(q2, k2, qw2, kw2, cos2, sin2, 1e-6, 1e-6, recipe)  # fresh data, the same plan
+    check(q2, k2, qw2, kw2, cos2, sin2, 1e-6, fourth)
+    assert len(interp._PLANS) == 2
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(second, fourth))  # new outputs each call
+    check(q, k, qw, kw, cos, sin, 1e-6, second)  # and earlier results are not overwritten
+    qt = q2.transpose(1, 2).contiguous().transpose(1, 2)  # other strides: a plan of its own
+    fifth = interp.launch(qt, k2, qw2, kw2, cos2, sin2, 1e-6, 1e-6, recipe)
+    check(qt, k2, qw2, kw2, cos2, sin2, 1e-6, fifth)
+    assert len(interp._PLANS) == 3
+
+
+def test_functional_direct_path_checks_once_per_layout_and_every_call_s_positions(interp, monkeypatch):
+    """qkfuse.qk_norm_rope's eager kernel path (forced here onto CPU tensors and the interpreted
+    kernel): a layout's input checks run once, a bad call is still refused after good ones with the
+    same shapes, positions out of the cache are refused on every call, results equal the reference."""
+    import qkfuse
+    import qkfuse.kernels
+    from qkfuse import functional
+
+    monkeypatch.setattr(qkfuse.kernels, "triton_norm_rope", interp)
+    monkeypatch.setattr(functional, "_direct_kernel", lambda q: True)
+    monkeypatch.setattr(functional, "_CHECKED", {})
+    torch.manual_seed(5)
+    T, D = 6, 16
+    q, k = torch.randn(T, 4, D), torch.randn(T, 2, D)
+    qw, kw = 1 + 0.3 * torch.randn(D), 1 + 0.3 * torch.randn(D)
+    ang = torch.rand(T, D // 2) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    with torch.no_grad():
+        for _ in range(2):
+            qo, ko = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin)
+        assert len(functional._CHECKED) == 1
+        recipe = Recipe("rms", 0.0, True, torch.float32, torch.float32, torch.float32, D, False)
+        for out, x, w in ((qo, q, qw), (ko, k, kw)):
+            ref = norm_rope_reference(x, w, cos.unsqueeze(-2), sin.unsqueeze(-2), 1e-6, recipe)
+            assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+        with pytest.raises(ValueError, match="weight"):
+            qkfuse.qk_norm_rope(q, k, qw[:8], kw, cos, sin)  # head_dim mismatch: another layout, checked
+        cache = torch.cat([torch.rand(40, D // 2).cos(), torch.rand(40, D // 2).sin()], -1)
+        good = torch.tensor([0, 3, 17, 5, 5, 30])
+        qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=good)
+        with pytest.raises(ValueError, match="positions"):
+            qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=good + 20)  # same layout
