@@ -79,7 +79,8 @@ def scan_one(kind: str, name: str, kernels: str = "auto", decode: bool = False) 
         report = qkfuse.explain(forward, **inputs)
     row["cpu_sites"], row["cpu_fused"] = len(report.sites), len(report.fused)
     cpu_cache = {r.node for r in report.fused if "cache write" in r.recipe}
-    row["cpu_cache"] = len(cpu_cache)
+    # counted per site (a node name can recur in another graph: step3p7's two layers' add_7)
+    row["cpu_cache"] = sum("cache write" in r.recipe for r in report.fused)
     try:
         runs = cuda_pass_runs(forward, options=Options(kernels=kernels), **inputs)
     except Exception as e:
