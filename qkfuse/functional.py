@@ -50,6 +50,8 @@ def qk_norm_rope(
     cos_sin_cache: Tensor | None = None,
     positions: Tensor | None = None,
     across_heads: bool = False,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-head RMSNorm of ``q`` and ``k``, then rotary embedding (RoPE): one kernel launch on CUDA.
 
@@ -97,7 +99,9 @@ def qk_norm_rope(
         Rotate pairs ``(x[2i], x[2i+1])`` (GPT-J / GLM style) instead of the halves
         ``(x[i], x[i + rotary_dim/2])`` (neox / ``rotate_half``). Default ``False``.
     norm : str
-        ``"rms"`` (default) or ``"none"`` (RoPE only; weights must be ``None``).
+        ``"rms"`` (default), ``"layer"`` (LayerNorm, ``torch.nn.LayerNorm(head_dim)``: the mean
+        subtracted, the biased variance, then weight and bias in float32 and one rounding) or
+        ``"none"`` (RoPE only; weights must be ``None``).
     weight_offset : float
         Added to the weight in float32 before it scales: ``1.0`` for Gemma's ``(1 + w)``.
     cast_before_weight : bool, optional
@@ -127,6 +131,9 @@ def qk_norm_rope(
         Normalise each token over all its heads at once (OLMo2/3, OLMoE: ``q_norm`` on the flat
         ``[..., H * D]`` projection before the head view) instead of each head; the weights are then
         ``[heads * head_dim]`` (head-major) and the heads are ``q``'s dim -2. Default ``False``.
+    q_bias, k_bias : torch.Tensor, optional
+        LayerNorm biases (``norm="layer"``), shaped as the weights: added after the weight, in
+        float32, before the one rounding (as ``nn.LayerNorm`` does). Both or neither.
 
     Returns
     -------
@@ -176,7 +183,7 @@ def qk_norm_rope(
     """
     return _call(q, k, q_weight, k_weight, cos, sin, eps, eps if k_eps is None else k_eps, rotary_dim,
                  interleaved, norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
-                 cos_sin_cache, positions, across_heads)
+                 cos_sin_cache, positions, across_heads, q_bias, k_bias)
 
 
 def norm_rope(
@@ -195,18 +202,19 @@ def norm_rope(
     rope_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     across_heads: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor:
     r"""Per-head RMSNorm then RoPE of one tensor ``x`` ``[..., tokens, heads, head_dim]``.
 
     :func:`qk_norm_rope` for a single tensor (e.g. models that normalise only q, or DiT blocks
     with q and k of different token counts); same parameters, defaults, dispatch, errors and
-    notes, without ``k``, ``k_eps`` and the cos/sin cache form. Returns a new tensor shaped as
+    notes, without ``k``, ``k_eps`` and the cos/sin cache form (its LayerNorm bias is ``bias``). Returns a new tensor shaped as
     ``x``, dtype ``out_dtype``. ``torch.compile`` traces the ``torch.ops.qkfuse.norm_rope`` op.
 
     >>> q = qkfuse.norm_rope(q, attn.q_norm.weight, cos, sin, eps=1e-6)
     """
     return _call(x, None, weight, None, cos, sin, eps, eps, rotary_dim, interleaved, norm, weight_offset,
-                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads)[0]
+                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads, bias)[0]
 
 
 def _with_heads_axis(t: Tensor, q: Tensor, name: str, rank_without: int, axis: int) -> Tensor:
@@ -262,7 +270,8 @@ def _direct_kernel(q: Tensor) -> bool:
 
 
 def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interleaved, norm, weight_offset,
-          cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions, across_heads=False):
+          cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions, across_heads=False,
+          q_bias=None, k_bias=None):
     # Argument checks that decide the defaults come first, so a bad q or cos is named as such
     # rather than as the recipe dtype derived from it; the op's own checks do the rest.
     check_tensor(q, "q", None)
@@ -288,19 +297,22 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
     recipe = _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
                      rope_dtype, out_dtype, across_heads)
 
-    inputs = (q, k, q_weight, k_weight, cos, sin, cache)
+    biases = (q_bias, k_bias)
+    if (q_bias is None) != (k_bias is None) and k is not None:
+        raise ValueError("qkfuse: give q_bias and k_bias together (or neither)")
+    inputs = (q, k, q_weight, k_weight, cos, sin, cache, q_bias, k_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions)
+        return _reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases)
     if _direct_kernel(q):
-        return _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions)
+        return _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases)
     args = recipe.op_args()
     if k is None:
-        return (torch.ops.qkfuse.norm_rope.default(q, q_weight, cos, sin, q_eps, None, *args),)
+        return (torch.ops.qkfuse.norm_rope.default(q, q_weight, cos, sin, q_eps, None, *args, q_bias),)
     if cache is not None:
         return torch.ops.qkfuse.qk_norm_rope_cached.default(q, k, q_weight, k_weight, cache, positions, q_eps,
-                                                            k_eps, *args)
+                                                            k_eps, *args, q_bias, k_bias)
     return torch.ops.qkfuse.qk_norm_rope.default(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, None, None,
-                                                 *args)
+                                                 *args, q_bias, k_bias)
 
 
 # Input layouts whose checks passed, and whether the Triton kernel computes them (else the
@@ -309,37 +321,38 @@ _CHECKED: dict = {}
 _MAX_CHECKED = 1024
 
 
-def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions):
-    tensors = (q, k, q_weight, k_weight, cos, sin, cache, positions)
+def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases=(None, None)):
+    tensors = (q, k, q_weight, k_weight, cos, sin, cache, positions, *biases)
     key = (recipe, *map(tensor_key, tensors))
     kernel_ok = _CHECKED.get(key)
     if kernel_ok is None:
-        _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=False)
+        _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=False, biases=biases)
         kernel_ok = _CHECKED[key] = kernel_computes(q, k, q_weight, k_weight, cos if cache is None else cache, sin,
-                                                    recipe, positions)
+                                                    recipe, positions, None, *biases)
         if len(_CHECKED) > _MAX_CHECKED:
             _CHECKED.pop(next(iter(_CHECKED)))
     if cache is not None:  # the positions' values, on every call
         check_positions_in_range(positions, cache.shape[0])
     return run_kernel(q, k, q_weight, k_weight, cos if cache is None else cache, sin, q_eps, k_eps, recipe,
-                      positions, use_kernel=kernel_ok)
+                      positions, None, *biases, use_kernel=kernel_ok)
 
 
-def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=True) -> None:
+def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=True, biases=(None, None)) -> None:
     """The op's checks, for the paths that do not call the op."""
+    q_bias, k_bias = biases
     if k is None:
-        check_single(q, q_weight, cos, sin, None, recipe)
+        check_single(q, q_weight, cos, sin, None, recipe, q_bias)
     elif cache is not None:
-        check_cached(q, k, q_weight, k_weight, cache, positions, recipe)
+        check_cached(q, k, q_weight, k_weight, cache, positions, recipe, q_bias, k_bias)
         if data:
             check_positions_in_range(positions, cache.shape[0])
     else:
-        check_qk(q, k, q_weight, k_weight, cos, sin, recipe)
+        check_qk(q, k, q_weight, k_weight, cos, sin, recipe, q_bias=q_bias, k_bias=k_bias)
 
 
-def _reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions):
-    _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions)
+def _reference(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases=(None, None)):
+    _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, biases=biases)
     if cache is not None:
         cos, sin = cos_sin_from_cache(cache, positions, recipe.interleaved)
-    return (norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe),
-            None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe))
+    return (norm_rope_reference(q, q_weight, cos, sin, q_eps, recipe, bias=biases[0]),
+            None if k is None else norm_rope_reference(k, k_weight, cos, sin, k_eps, recipe, bias=biases[1]))

@@ -253,6 +253,39 @@ def test_across_heads_is_olmo2(dtype):
         qkfuse.norm_rope(q.view(B, S, Hq, D), qw, cos, sin, across_heads=-2)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_layer_norm_with_bias_is_nn_layer_norm(dtype):
+    """norm="layer" with q_bias/k_bias: Persimmon/Phi's per-head nn.LayerNorm(head_dim) then RoPE, in
+    eager (the op), with grad required (the differentiable reference) and for one tensor (bias=)."""
+    g = torch.Generator().manual_seed(11)
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 32
+    q, k = ((2 * torch.randn(B, S, h, D, generator=g) + 0.5).to(dtype) for h in (Hq, Hk))
+    norms = [torch.nn.LayerNorm(D, eps=1e-5).to(dtype) for _ in range(2)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.copy_(1 + 0.3 * torch.randn(D, generator=g))
+            n.bias.copy_(0.2 * torch.randn(D, generator=g))
+    ang = torch.rand(B, S, D // 2, generator=g) * 6.3
+    cos, sin = (torch.cat([f] * 2, -1).to(dtype) for f in (ang.cos(), ang.sin()))
+
+    def persimmon(x, n):
+        y = n(x)
+        return y * cos.unsqueeze(2) + rotate_half(y) * sin.unsqueeze(2)
+
+    (qn, kn), kw = norms, dict(eps=1e-5, norm="layer", q_bias=norms[0].bias, k_bias=norms[1].bias)
+    with torch.no_grad():
+        qo, ko = qkfuse.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, **kw)
+        assert_close_to_eager(qo, persimmon(q, qn))
+        assert_close_to_eager(ko, persimmon(k, kn))
+        one = qkfuse.norm_rope(q, qn.weight, cos, sin, eps=1e-5, norm="layer", bias=qn.bias)
+        assert torch.equal(one, qo)
+    qo_grad, _ = qkfuse.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, **kw)  # weights require grad
+    assert qo_grad.requires_grad
+    assert torch.equal(qo_grad.detach(), qo)
+    with pytest.raises(ValueError, match="q_bias and k_bias together"):
+        qkfuse.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, eps=1e-5, norm="layer", q_bias=qn.bias)
+
+
 def test_special_values_and_empty():
     q, k, qw, kw, cos, sin = make(SPECS["qwen3_bf16"], seed=6)
     q[0, 1, 2, 3] = math.nan

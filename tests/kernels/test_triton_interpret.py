@@ -842,6 +842,13 @@ def test_functional_direct_path_checks_once_per_layout_and_every_call_s_position
             assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         with pytest.raises(ValueError, match="weight"):
             qkfuse.qk_norm_rope(q, k, qw[:8], kw, cos, sin)  # head_dim mismatch: another layout, checked
+        qb, kb = 0.2 * torch.randn(D), 0.2 * torch.randn(D)  # a LayerNorm with bias, by the kernel
+        qo, ko = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, eps=1e-5, norm="layer", q_bias=qb, k_bias=kb)
+        assert list(functional._CHECKED.values())[-1] is True  # the kernel computed it, not the reference
+        layer = dataclasses.replace(recipe, norm="layer")
+        for out, x, w, b in ((qo, q, qw, qb), (ko, k, kw, kb)):
+            ref = norm_rope_reference(x, w, cos.unsqueeze(-2), sin.unsqueeze(-2), 1e-5, layer, bias=b)
+            assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         cache = torch.cat([torch.rand(40, D // 2).cos(), torch.rand(40, D // 2).sin()], -1)
         good = torch.tensor([0, 3, 17, 5, 5, 30])
         qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=good)
