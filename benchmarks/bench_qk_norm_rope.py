@@ -1,6 +1,6 @@
 """QK-norm + RoPE on the GPU: correctness first, then timings of every way to run it.
 
-    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,across,sweep] [--no-flashinfer] [--tag T]
+    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,across,layer,sweep] [--no-flashinfer] [--tag T]
 
 For each shape it
 1. checks correctness: fresh random inputs, a float64 reference of the same HF code, memory
@@ -109,6 +109,19 @@ def olmo2_across(q, k, qw, kw, cos, sin):
     return tuple(out)
 
 
+def persimmon_layernorm(q, k, qw, kw, qb, kb, cos, sin):
+    """HF Persimmon / Phi (qk_layernorm): per-head nn.LayerNorm(head_dim) with weight and bias on
+    [B,S,H,D], transpose, partial rotary (cos covers rotary_dim < head_dim)."""
+    out = []
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    for x, w, b in ((q, qw, qb), (k, kw, kb)):
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-5).transpose(1, 2)
+        xr, xp = x[..., :rd], x[..., rd:]
+        out.append(torch.cat([xr * c + rotate_half(xr) * s, xp], dim=-1))
+    return tuple(out)
+
+
 def qkv_strided(qkv, qw, kw, cos, sin, Hq, Hk, D):
     """A fused qkv projection: q and k are strided slices of one [B,S,(Hq+2Hk)*D] tensor."""
     B, S = qkv.shape[:2]
@@ -124,11 +137,15 @@ class Case:
     hq: int
     hk: int
     d: int
-    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv | across
+    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv | across | layer
     dtype: torch.dtype = torch.bfloat16
     group: str = "main"
 
+    rd: int = 0  # rotary_dim, where the form does not imply it
+
     def rotary_dim(self):
+        if self.rd:
+            return self.rd
         return self.d // 4 if self.form == "partial" else self.d
 
     def make(self, gen):
@@ -141,6 +158,11 @@ class Case:
             cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
             return olmo2_across, (r(1, T, Hq * D), r(1, T, Hk * D), r(Hq * D) * 0.5 + 1, r(Hk * D) * 0.5 + 1,
                                   cos, sin)
+        if self.form == "layer":
+            rd = self.rotary_dim()
+            ang = torch.rand(1, T, rd // 2, device=DEV, generator=gen) * 6.28
+            cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+            return persimmon_layernorm, (r(1, T, Hq, D), r(1, T, Hk, D), qw, kw, r(D) * 0.1, r(D) * 0.1, cos, sin)
         if self.form == "interleaved":
             ang = torch.rand(T, D // 2, device=DEV, generator=gen) * 6.28
             cos = torch.repeat_interleave(ang.cos(), 2, -1)
@@ -179,12 +201,18 @@ EXTRA = [
     Case("4k fp16", 4096, 32, 8, 128, dtype=torch.float16, group="extra"),
     Case("4k strided qkv", 4096, 32, 8, 128, "qkv", group="extra"),
 ]
-ACROSS = [  # a norm across heads: under kernels="auto" left to Inductor until these are measured
+ACROSS = [  # a norm across heads (measured 2026-12-02: kernels="auto" fuses it)
     Case("across decode 64, OLMo2-7B 32/32", 64, 32, 32, 128, "across", group="across"),
     Case("across 4k, OLMo2-7B 32/32", 4096, 32, 32, 128, "across", group="across"),
     Case("across 32k, OLMo2-7B 32/32", 32768, 32, 32, 128, "across", group="across"),
     Case("across 4k, OLMoE 16/16", 4096, 16, 16, 128, "across", group="across"),
     Case("across 4k, MiniMax-M2 48/8", 4096, 48, 8, 128, "across", group="across"),
+]
+LAYER = [  # LayerNorm q/k norms: under kernels="auto" left to Inductor until these are measured
+    Case("layer decode 64, Persimmon-8B 64/64 x64", 64, 64, 64, 64, "layer", rd=32, group="layer"),
+    Case("layer 4k, Persimmon-8B 64/64 x64", 4096, 64, 64, 64, "layer", rd=32, group="layer"),
+    Case("layer 4k, Phi-2 32/32 x80", 4096, 32, 32, 80, "layer", rd=32, group="layer"),
+    Case("layer 32k, Phi-2 32/32 x80", 32768, 32, 32, 80, "layer", rd=32, group="layer"),
 ]
 SWEEP = [Case(f"sweep {t}", t, 32, 8, 128, group="sweep") for t in (64, 256, 1024, 4096, 16384, 32768)]
 
@@ -233,8 +261,8 @@ def timed(fn, args):
 
 def variants(fn, with_flashinfer, form="qwen3"):
     qk = qkfuse.qkfuse_backend
-    # kernels="auto" leaves a norm across heads to Inductor until measured: measure the kernel
-    opts = {"qkfuse.kernels": "triton"} if form == "across" else None
+    # kernels="auto" leaves LayerNorm sites to Inductor until measured: measure the kernel
+    opts = {"qkfuse.kernels": "triton"} if form == "layer" else None
     # (torch.compile refuses mode= with options=; qkfuse.fuse merges them)
     v = {
         "eager": lambda: fn,
@@ -277,7 +305,7 @@ def run_case(case, bw, with_flashinfer):
         ref64 = fn(*[a.double() for a in args])
         eager = fn(*args)
         row["checks"]["eager_rel_err_vs_fp64"] = rel_err(eager, ref64)
-        todo = variants(fn, with_flashinfer and case.form != "across", case.form)
+        todo = variants(fn, with_flashinfer and case.form not in ("across", "layer"), case.form)
         if case.group == "sweep":
             todo = {n: todo[n] for n in ("inductor", "qkfuse")}
         for name, make in todo.items():
@@ -444,7 +472,7 @@ def main():
         except Exception:
             with_fi = False
     groups = a.shapes.split(",")
-    cases = [c for c in MAIN + EXTRA + ACROSS + SWEEP if c.group in groups and a.only in c.name]
+    cases = [c for c in MAIN + EXTRA + ACROSS + LAYER + SWEEP if c.group in groups and a.only in c.name]
     bw = copy_bandwidth()
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,

@@ -1,0 +1,73 @@
+"""torch.export + AOTInductor on CUDA (issue 8.5): the package compiled with the pass installed
+(``post_grad_custom_pre_pass=qkfuse.pass_()``) keeps the fused sites as the Triton kernel, and it
+loads and runs in a fresh process that imports only torch and qkfuse, with eager's output.
+
+    python -m pytest -q -m gpu tests/gpu/test_export_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.test_backend import Attention
+from tests.test_export import ROOT, attn_inputs, compile_package
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# The fresh process: the package on each saved input, the CUDA kernels it launches named.
+LOADER = r"""
+import json, sys
+import torch
+import qkfuse
+package, io_path = sys.argv[1], sys.argv[2]
+runner = torch._inductor.aoti_load_package(package)
+cases = torch.load(io_path)
+errs, ours = [], []
+for args, ref in cases:
+    args = [a.cuda() for a in args]
+    runner(*args)  # warm-up: the first call loads the kernels
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = runner(*args)
+        torch.cuda.synchronize()
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    errs.append(float((out.cpu() - ref).abs().max()) / float(ref.abs().max()))
+    ours.append(sum(1 for e in prof.events() if "qk_norm_rope_kernel" in e.name))
+watch = ("transformers", "diffusers", "tests", "hypothesis")
+print(json.dumps({"rel_errs": errs, "qk_norm_rope_kernel_launches": ours,
+                  "imported": sorted(m for m in watch if m in sys.modules)}))
+"""
+
+
+def test_export_aoti_cuda_runs_the_fused_kernel_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    m = Attention().eval().cuda()
+    b, s = torch.export.Dim("b", min=2, max=64), torch.export.Dim("s", min=2, max=512)
+    dims = {"h": {0: b, 1: s}, "cos": {0: b, 1: s}, "sin": {0: b, 1: s}}
+    counters.clear()
+    with torch.no_grad():
+        example = tuple(t.cuda() for t in attn_inputs(2, 7))
+        ep = torch.export.export(m, example, dynamic_shapes=dims)
+        package, records = compile_package(ep, tmp_path / "attn_cuda.pt2")
+        cases = []
+        for x in (attn_inputs(2, 7, 1), attn_inputs(3, 12, 2), attn_inputs(5, 33, 3)):
+            cases.append((x, m(*(t.cuda() for t in x)).cpu()))
+    assert [r.fused for r in records] == [True, True], [(r.fused, r.reason) for r in records]
+    assert all(r.reason.startswith("triton") for r in records), [r.reason for r in records]
+    assert counters["qkfuse"]["norm_rope_calls"] == 1
+    io_path = tmp_path / "io.pt"
+    torch.save(cases, io_path)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(package), str(io_path)], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["imported"] == [], r
+    assert r["qk_norm_rope_kernel_launches"] == [1, 1, 1], r  # q and k in one launch, every shape
+    assert all(e <= 1e-5 for e in r["rel_errs"]), r  # float32: the kernel rounds where the graph does
