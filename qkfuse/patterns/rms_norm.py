@@ -322,6 +322,11 @@ def match_norm(y: Node, kinds=("rms", "layer"), with_bias: bool = True) -> NormM
     if is_op(y, aten.cat):
         raise Refused("RoPE input is a concatenation (e.g. text and image tokens), not one norm output")
     other = other_norm_kind(y)
+    if other is not None and other.startswith("a LayerNorm"):
+        # (a LayerNorm output is matched above: this one reaches the RoPE through other ops)
+        via = getattr(y.target, "__name__", str(y.target)) if isinstance(y, Node) else type(y).__name__
+        raise Refused(f"{other} reaches this RoPE through {via} (e.g. RoPE on a slice of the sequence, as "
+                      "CogView4/CogVideoX write it), not as its input")
     if other is not None:
         raise Refused(f"{other} feeds this RoPE, not an RMSNorm (not fused yet)")
     raise Refused("no RMSNorm (x * rsqrt(mean(x^2) + eps) [* w]) feeds this RoPE")
