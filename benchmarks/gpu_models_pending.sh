@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole-model rows issue 6 still owes at full depth, split into device calls of under 10 minutes:
+#   run(command="bash benchmarks/gpu_models_pending.sh A", timeout_s=600)   # then B, then C
+# Each writes <tag>.{json,md,png} to $OUT; merge them with
+#   python benchmarks/bench_models.py --render <the JSONs> --tag <date>-h200-models-36l
+set -uo pipefail
+OUT=${OUT:-/tmp/qkfuse-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 QKFUSE_STRICT=1
+BENCH="python benchmarks/bench_models.py --out /tmp/bm"
+case "${1:-A}" in
+  A) $BENCH --budget 540 --models qwen3 --layers 36 --cases generate,fn64 --batches 1,16,64 --tag qwen3-36l-generate ;;  # ~420 s
+  B) $BENCH --budget 280 --models qwen3 --layers 36 --cases decode_eager,decode_graph --batches 16 --tag qwen3-36l-decode \
+       && $BENCH --models flux --cases prefill_graph --shapes 1x32768,1x4096,8x512 --budget 250 --tag flux-prefill ;;
+  C) $BENCH --budget 540 --models gemma3 --cases prefill_graph,decode_graph --shapes 1x4096,8x512 --batches 1,16,64 --tag gemma3 ;;
+esac
