@@ -735,19 +735,22 @@ def launch(
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
 
-    Eager calls (concrete shapes, no cache target, no bases) reuse a launch plan per input layout:
-    what is derived from shapes, strides, dtypes and the recipe is computed once (see _Plan).
+    Eager calls (concrete shapes; no cache target, bases or out_strides) reuse a launch plan per
+    input layout: what is derived from shapes, strides, dtypes and the recipe is computed once
+    (see _Plan).
     """
-    plain = not traceable and cache is None and bases is None
-    if plain:
+    if not traceable and cache is None and bases is None and out_strides is None:
         tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias)
         # which inputs are one tensor (q's weight given for k's too): a plan's slots follow it
         aliases = tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
-        key = (recipe, config, num_stages, out_strides, aliases, *map(tensor_key, tensors))
-        plan = _PLANS.get(key, _UNPLANNED)
+        key = (recipe, config, num_stages, aliases, *map(tensor_key, tensors))
+        try:
+            plan = _PLANS.get(key, _UNPLANNED)
+        except TypeError:  # a symbolic size (not hashable): no plan
+            plan = None
         if plan is _UNPLANNED:
             plan = _PLANS[key] = _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions,
-                                       out_strides, q_bias, k_bias)
+                                       q_bias, k_bias)
             if len(_PLANS) > _MAX_PLANS:  # a bounded cache: shapes seen long ago are planned again
                 _PLANS.pop(next(iter(_PLANS)))
         if plan is not None:
@@ -756,8 +759,6 @@ def launch(
                         positions, cache, out_strides, bases, q_bias, k_bias)
 
 
-# Slots of a plan's tensor arguments: the call's inputs in _Plan.run's order, then its outputs.
-_INPUTS = ("q", "k", "q_weight", "k_weight", "cos", "sin", "positions", "q_bias", "k_bias")
 _MAX_PLANS = 256
 _PLANS: dict = {}
 _UNPLANNED = object()
@@ -793,13 +794,13 @@ class _Recorder:
         return record
 
 
-def _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions, out_strides, q_bias,
+def _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions, q_bias,
           k_bias) -> _Plan | None:
     """The launch for these inputs' layout, or None where a plan cannot stand for it (a symbolic
     size, an argument that is none of the call's tensors): such calls take the full path each time."""
     recorder = _Recorder()
     q_out, k_out = _launch_full(q, k, q_weight, k_weight, cos, sin, "q_eps", "k_eps", recipe, False, config,
-                                num_stages, positions, None, out_strides, None, q_bias, k_bias, kernel=recorder)
+                                num_stages, positions, None, None, None, q_bias, k_bias, kernel=recorder)
     grid, args, kwargs = recorder.call
     tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias, q_out, k_out)
 
