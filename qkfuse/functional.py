@@ -208,8 +208,9 @@ def norm_rope(
 
     :func:`qk_norm_rope` for a single tensor (e.g. models that normalise only q, or DiT blocks
     with q and k of different token counts); same parameters, defaults, dispatch, errors and
-    notes, without ``k``, ``k_eps`` and the cos/sin cache form (its LayerNorm bias is ``bias``). Returns a new tensor shaped as
-    ``x``, dtype ``out_dtype``. ``torch.compile`` traces the ``torch.ops.qkfuse.norm_rope`` op.
+    notes, without ``k``, ``k_eps`` and the cos/sin cache form (its LayerNorm bias is ``bias``).
+    Returns a new tensor shaped as ``x``, dtype ``out_dtype``. ``torch.compile`` traces the
+    ``torch.ops.qkfuse.norm_rope`` op.
 
     >>> q = qkfuse.norm_rope(q, attn.q_norm.weight, cos, sin, eps=1e-6)
     """
