@@ -325,17 +325,18 @@ _MAX_CHECKED = 1024
 def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases=(None, None)):
     tensors = (q, k, q_weight, k_weight, cos, sin, cache, positions, *biases)
     key = (recipe, *map(tensor_key, tensors))
+    table = cos if cache is None else cache  # what the kernel reads the rotation from
     kernel_ok = _CHECKED.get(key)
     if kernel_ok is None:
         _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=False, biases=biases)
-        kernel_ok = _CHECKED[key] = kernel_computes(q, k, q_weight, k_weight, cos if cache is None else cache, sin,
-                                                    recipe, positions, q_bias=biases[0], k_bias=biases[1])
+        kernel_ok = _CHECKED[key] = kernel_computes(q, k, q_weight, k_weight, table, sin, recipe, positions,
+                                                    q_bias=biases[0], k_bias=biases[1])
         if len(_CHECKED) > _MAX_CHECKED:
             _CHECKED.pop(next(iter(_CHECKED)))
     if cache is not None:  # the positions' values, on every call
         check_positions_in_range(positions, cache.shape[0])
-    return run_kernel(q, k, q_weight, k_weight, cos if cache is None else cache, sin, q_eps, k_eps, recipe,
-                      positions, q_bias=biases[0], k_bias=biases[1], use_kernel=kernel_ok)
+    return run_kernel(q, k, q_weight, k_weight, table, sin, q_eps, k_eps, recipe, positions,
+                      q_bias=biases[0], k_bias=biases[1], use_kernel=kernel_ok)
 
 
 def _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=True, biases=(None, None)) -> None:

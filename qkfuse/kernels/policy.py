@@ -82,8 +82,8 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
         return None, f"triton kernel: {reason}"
     layer = recipe.norm == "layer" or recipe.weight_heads_dim or q_bias is not None or k_bias is not None
     if layer and preference == "auto":
-        # As for the norm across heads: the kernel's LayerNorm mode (the mean pass, bias, a weight row
-        # per head) has no GPU benchmark against Inductor yet.
+        # Fuse only where it is measured to win: the kernel's LayerNorm mode (the mean pass, bias, a
+        # weight row per head) has no GPU benchmark against Inductor yet (bench_qk_norm_rope.py --shapes layer).
         return None, (f"{LAYER_UNMEASURED}; site left to Inductor "
                       "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
