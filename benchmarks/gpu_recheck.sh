@@ -15,5 +15,5 @@ python benchmarks/bench_models.py --out /tmp/bm --models flux --cases prefill_gr
 ls "$OUT"
 # the 36-layer rows not measured yet: decode under plain torch.compile (bs1), decode device time at bs16
 python benchmarks/bench_models.py --out /tmp/bm --models qwen3 --layers 36 --cases decode_eager,decode_graph \
-  --batches 1,16 --budget 240 --tag qwen3-36l-decode
+  --batches 16 --budget 260 --tag qwen3-36l-decode
 ls "$OUT"
