@@ -59,15 +59,20 @@ def variant(name, dynamic, with_pass, dummy=False):
         torch.library.wrap_triton = REAL_WRAP
     with zipfile.ZipFile(pkg) as z:
         for n in z.namelist():
-            if n.endswith(".cpp") and "wrapper" in n or n.endswith(".wrapper.cpp"):
+            if n.endswith(".cpp"):
                 src = z.read(n).decode(errors="replace")
                 lines = [ln for ln in src.splitlines() if "qk_norm_rope" in ln or "launchKernel" in ln or "void* kernel_args_" in ln]
-                open(f"{OUT}/{name}-wrapper-lines.txt", "w").write(f"{n}\n" + "\n".join(lines[:80]))
+                open(f"{OUT}/{name}-wrapper-lines.txt", "a").write(f"{n}\n" + "\n".join(lines[:80]))
     torch.save(cases, f"{tmp}/io.pt")
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    p = subprocess.run([sys.executable, "-c", LOADER, pkg, f"{tmp}/io.pt", "cuda"], capture_output=True, text=True,
-                       timeout=300, env=env, cwd=tmp)
-    print(f"[{name}] rc {p.returncode} stdout {p.stdout.strip()[-400:]!r}\n  stderr tail: {p.stderr[-1500:]}", flush=True)
+    loaders = {"": LOADER}
+    if not with_pass:  # does importing qkfuse in the loading process matter?
+        loaders[" (no qkfuse import)"] = LOADER.replace("import qkfuse\n", "")
+    for label, loader in loaders.items():
+        p = subprocess.run([sys.executable, "-c", loader, pkg, f"{tmp}/io.pt", "cuda"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=tmp)
+        print(f"[{name}{label}] rc {p.returncode} stdout {p.stdout.strip()[-400:]!r}\n  stderr tail: "
+              f"{p.stderr[-700:]}", flush=True)
 
 
 if __name__ == "__main__":
