@@ -33,6 +33,8 @@ import json, sys
 import torch
 import qkfuse
 package, io_path, device = sys.argv[1], sys.argv[2], sys.argv[3]
+if device == "cuda":  # a CUDA context first, as in any CUDA program (torch 2.11 segfaulted loading without one?)
+    torch.zeros(1, device="cuda")
 runner = torch._inductor.aoti_load_package(package)
 cases = torch.load(io_path)
 cuda = device == "cuda"
