@@ -112,6 +112,8 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
         return "flashinfer's RMSNorm weight is [head_dim], not one row per head"
     if recipe.norm == "rms" and recipe.weight_offset not in (0.0, 1.0):
         return f"weight offset {recipe.weight_offset}"
+    if recipe.half_table:
+        return "flashinfer's RoPE takes full-width cos/sin, not one entry per pair (half_table)"
     if recipe.rotary_dim and (cos is None or cos.shape[-1] != recipe.rotary_dim):
         return "cos/sin do not cover rotary_dim"
     for t in (q, k):

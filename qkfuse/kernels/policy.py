@@ -26,6 +26,8 @@ from . import KernelUnavailable
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
 LAYER_UNMEASURED = ("LayerNorm (mean subtracted, bias, weight per head): the Triton kernel's mode for it is not yet "
                     "measured against Inductor on a GPU")
+HALF_TABLE_UNMEASURED = ("RoPE with one cos/sin entry per pair (half_table: Wan, SkyReels-V2, Wan-Animate): the "
+                         "Triton kernel's mode for it is not yet measured against Inductor on a GPU")
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,6 +87,10 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
         # Fuse only where it is measured to win: the kernel's LayerNorm mode (the mean pass, bias, a
         # weight row per head) has no GPU benchmark against Inductor yet (bench_qk_norm_rope.py --shapes layer).
         return None, (f"{LAYER_UNMEASURED}; site left to Inductor "
+                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
+    if recipe.half_table and preference == "auto":
+        # as LayerNorm above, until bench_qk_norm_rope.py --shapes wan is measured
+        return None, (f"{HALF_TABLE_UNMEASURED}; site left to Inductor "
                       "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi

@@ -18,6 +18,14 @@ def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _full_width(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """A half table (one entry per rotated pair) as the full-width table it stands for: exact
+    copies, so the products round as the graph's half-width products do."""
+    if interleaved:
+        return t.unsqueeze(-1).expand(*t.shape, 2).flatten(-2)
+    return torch.cat((t, t), dim=-1)
+
+
 def _affine_view(t: torch.Tensor, x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """A weight or bias in float32, shaped to broadcast over x (see the recipe)."""
     t = t.to(torch.float32)
@@ -73,6 +81,8 @@ def norm_rope_reference(
         rdt = recipe.rope_dtype
         yr = y[..., :rd].to(rdt)
         c, s = cos.to(rdt), sin.to(rdt)
+        if recipe.half_table:
+            c, s = _full_width(c, recipe.interleaved), _full_width(s, recipe.interleaved)
         out_r = (yr * c + _rotate(yr, recipe.interleaved) * s).to(recipe.out_dtype)
         if rd < y.shape[-1]:
             out_r = torch.cat((out_r, y[..., rd:].to(recipe.out_dtype)), dim=-1)

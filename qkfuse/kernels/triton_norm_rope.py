@@ -10,7 +10,8 @@ element once. A row is split into the two rotated halves (a, b) and the pass-thr
     interleaved:  a = x[0:rd:2], b = x[1:rd:2]            out_b = b*cos_b + a*sin_b
     tail:         x[rd:]                                   copied (after the norm)
 
-so the partner of every rotated element is in registers and no element is read twice.
+so the partner of every rotated element is in registers and no element is read twice. With
+HALF_TABLE (one cos/sin entry per pair, Recipe.half_table) cos_a = cos_b = cos[i], sin_a = sin_b = sin[i].
 Rounding follows qkfuse/ops/recipe.py: float32 math, rounded exactly where the graph rounds.
 """
 
@@ -127,7 +128,7 @@ def _norm_rope_tile(
     x_ptr, o_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, eps,
     pid_t, hb, n_tokens, n_inner, n_heads,
     x_so, x_si, x_sh, o_so, o_si, o_sh, c_so, c_si, c_sh, s_so, s_si, s_sh,
-    idx_ptr, idx_stride, cache_len, o_seq,
+    idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
@@ -135,6 +136,7 @@ def _norm_rope_tile(
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
+    HALF_TABLE: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -289,6 +291,15 @@ def _norm_rope_tile(
             sa = tl.load(cos_ptr + crow + HALF + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
             cb = ca
             sb = sa
+        elif HALF_TABLE:
+            # one cos/sin per pair (Recipe.half_table; last-dim strides c_sd/s_sd, e.g. Wan's
+            # freqs[..., 0::2] views): both partners of pair i use entry i, in either style
+            dh = tl.arange(0, HALF_PAD)[None, None, :]
+            cm = c_mask & (dh < HALF)
+            ca = tl.load(cos_ptr + c_row + dh * c_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            sa = tl.load(sin_ptr + s_row + dh * s_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            cb = ca
+            sb = sa
         elif INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             cm = c_mask & (dr < ROT_DIM)
@@ -354,7 +365,7 @@ def qk_norm_rope_kernel(
     qo_so, qo_si, qo_sh, ko_so, ko_si, ko_sh,
     c_so, c_si, c_sh, s_so, s_si, s_sh,
     v_ptr, vo_ptr, idx_ptr, v_so, v_si, v_sh, vo_so, vo_si, vo_sh,
-    idx_stride, cache_len, o_seq, vo_seq, qb_ptr, kb_ptr,
+    idx_stride, cache_len, o_seq, vo_seq, qb_ptr, kb_ptr, c_sd, s_sd,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
@@ -363,7 +374,7 @@ def qk_norm_rope_kernel(
     Q_POS_AXIS: tl.constexpr, K_POS_AXIS: tl.constexpr, V_POS_AXIS: tl.constexpr, HAS_V: tl.constexpr,
     D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
-    LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
+    LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr, HALF_TABLE: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
@@ -396,19 +407,19 @@ def qk_norm_rope_kernel(
             _norm_rope_tile(
                 k_ptr, ko_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
-                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+                c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
-                LAYER, HAS_BIAS, W_ROWS,
+                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
             q_ptr, qo_ptr, qw_ptr, qb_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
-            c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq,
+            c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
-            LAYER, HAS_BIAS, W_ROWS,
+            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE,
         )
 
 
@@ -611,7 +622,10 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
         return f"q ({q.dtype}) and k ({k.dtype}) differ in dtype"
     if k is not None and (k.dim() != q.dim() or k.shape[-1] != q.shape[-1]):
         return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in rank or head_dim"
-    for t, name in ((cos, "cos"), (sin, "sin"), (q_weight, "q weight"), (k_weight, "k weight"),
+    if recipe.half_table and positions is not None:
+        return "half_table takes cos/sin tensors, not a cos/sin cache"
+    tables = () if recipe.half_table else ((cos, "cos"), (sin, "sin"))  # (a half table: any last-dim stride)
+    for t, name in (*tables, (q_weight, "q weight"), (k_weight, "k weight"),
                     (q_bias, "q bias"), (k_bias, "k bias")):
         if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1:
             return f"{name} last dim is not contiguous (stride {t.stride(-1)})"
@@ -860,6 +874,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
     has_weight = q_weight is not None
     has_bias = q_bias is not None
     cos_per_head = positions is None and cos is not None and (cos_str[2] != 0 or sin_str[2] != 0)
+    half_table = bool(recipe.half_table) and positions is None and cos is not None
 
     written = k if cached_is_k else q
     q_str = _strides3(q, lead, axes)
@@ -907,6 +922,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         idx_stride, cache_len, o_seq, vo_seq,
         # (a dummy pointer without a bias, as for the weights)
         q_bias if has_bias else q, (k_bias if k_bias is not None else q_bias) if has_bias else q,
+        *((cos.stride(-1), sin.stride(-1)) if half_table else (1, 1)),
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),
@@ -937,6 +953,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         LAYER=recipe.norm == "layer",
         HAS_BIAS=has_bias,
         W_ROWS=across or bool(recipe.weight_heads_dim),
+        HALF_TABLE=half_table,
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -25,6 +25,10 @@ graph's numerics instead of "something close":
     RoPE on y[..., :rotary_dim], every product and the sum rounded to rope_dtype:
                  o  = round(round(y*cos) + round(rot(y)*sin), rope_dtype) -> out_dtype
                  rot = half-split rotate_half (neox) or pairwise (interleaved)
+                 (half_table: cos/sin hold one value per rotated pair, rotary_dim/2
+                 wide, any last-dim stride; pair p is elements (p, p + rotary_dim/2)
+                 (neox) or (2p, 2p + 1) (interleaved) and both use cos[p], sin[p]: Wan's
+                 freqs_cos[..., 0::2] / freqs_sin[..., 1::2], passed as those views)
     y[..., rotary_dim:] passes through.
 
 A rounding "to float32" is a no-op: the kernels keep float32 intermediates and round only at the
@@ -60,6 +64,8 @@ class Recipe:
     # 0: the weight (and bias) is [head_dim] (or [heads * head_dim] across heads). h < 0: it is
     # [x.shape[h], head_dim], one row per head of the op input's dim h (Cohere, StableLM).
     weight_heads_dim: int = 0
+    # True: cos/sin are [..., rotary_dim // 2], one value per rotated pair (see the module docstring)
+    half_table: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -75,6 +81,7 @@ class Recipe:
             int(self.norm_heads_dim),
             bool(self.norm_sum),
             int(self.weight_heads_dim),
+            bool(self.half_table),
         )
 
     @classmethod
@@ -93,7 +100,8 @@ class Recipe:
             kind += " per-head w" if self.weight_heads_dim else ""
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
         if self.rotary_dim:
-            parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]")
+            parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
+                         + (" half-table" if self.half_table else ""))
         return " + ".join(parts) or "identity"
 
 
@@ -165,6 +173,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(f"qkfuse: weight_heads_dim must be 0 (a [head_dim] weight) or a negative dim, got {whd}")
     if whd and recipe.norm == "none":
         raise ValueError("qkfuse: weight_heads_dim is set but norm='none'")
+    if recipe.half_table and not recipe.rotary_dim:
+        raise ValueError("qkfuse: half_table is set but rotary_dim=0")
     if whd and recipe.norm_heads_dim:
         raise ValueError("qkfuse: weight_heads_dim and norm_heads_dim are both set (a norm across heads has "
                          "its [heads * head_dim] weight)")
@@ -180,10 +190,12 @@ def check_tensor(t, name: str, device, dtypes=FLOAT_DTYPES) -> None:
         raise ValueError(f"qkfuse: {name} is on {t.device} but the input is on {device}")
 
 
-def check_table_shape(shape, tname: str, x, name: str, rd: int) -> None:
-    """A per-token table of shape `shape` (cos, sin, positions + [rd]) broadcasts to x's rows."""
-    if shape[-1] != rd:
-        raise ValueError(f"qkfuse: {tname} last dim must equal rotary_dim={rd}, got {tuple(shape)}")
+def check_table_shape(shape, tname: str, x, name: str, rd: int, half: bool = False) -> None:
+    """A per-token table of shape `shape` (cos, sin, positions + [rd]) broadcasts to x's rows; `half`:
+    one entry per rotated pair (Recipe.half_table), rd // 2 wide."""
+    if shape[-1] != (rd // 2 if half else rd):
+        what = f"rotary_dim // 2={rd // 2} (half_table)" if half else f"rotary_dim={rd}"
+        raise ValueError(f"qkfuse: {tname} last dim must equal {what}, got {tuple(shape)}")
     lead, rows = shape[:-1], x.shape[:-1]
     # The common case without torch.broadcast_shapes' ~10 us, for plain tensors (fake ones, whose
     # sizes may be symbolic, take torch.broadcast_shapes as before).
@@ -240,6 +252,8 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
     if rd < 0 or rd > head_dim or rd % 2:
         raise ValueError(f"qkfuse: rotary_dim must be even and in [0, {head_dim}], got {rd}")
     if rd and rope_shape is not None:
+        if recipe.half_table:
+            raise ValueError("qkfuse: half_table is for cos/sin tensors, not a cos/sin cache")
         check_table_shape(rope_shape, "positions (+ [rotary_dim])", x, name, rd)
     elif rd:
         if cos is None or sin is None:
@@ -247,7 +261,7 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
         for t, tname in ((cos, "cos"), (sin, "sin")):
             check_tensor(t, tname, x.device)
             if t is cos or t.shape != cos.shape:
-                check_table_shape(t.shape, tname, x, name, rd)
+                check_table_shape(t.shape, tname, x, name, rd, recipe.half_table)
     else:
         if cos is not None or sin is not None:
             raise ValueError("qkfuse: cos/sin were given but rotary_dim=0")

@@ -194,10 +194,11 @@ def _rope_complex(x, theta, rotary_dim, interleaved):
     return torch.cat((rot, xp), dim=-1)
 
 
+@pytest.mark.parametrize("half_table", [False, True])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("norm", ["rms", "none"])
 @pytest.mark.parametrize("rotary_frac", [1, 2])
-def test_reference_float64_matches_formula(norm, interleaved, rotary_frac):
+def test_reference_float64_matches_formula(norm, interleaved, rotary_frac, half_table):
     g = torch.Generator().manual_seed(7)
     d = 64
     rd = d // rotary_frac
@@ -206,9 +207,11 @@ def test_reference_float64_matches_formula(norm, interleaved, rotary_frac):
     theta = torch.rand(5, rd // 2, generator=g, dtype=torch.float64) * 2 * math.pi  # per position, per pair
     emb = theta.repeat_interleave(2, -1) if interleaved else torch.cat((theta, theta), -1)
     cos, sin = emb.cos(), emb.sin()
+    if half_table:  # one entry per pair, as strided views (Wan's freqs[..., 0::2] / [..., 1::2])
+        cos, sin = torch.stack((theta.cos(), 2 + theta), -1).flatten(-2)[..., 0::2], theta.sin()
     f64 = torch.float64
     recipe = Recipe(norm=norm, norm_dtype=f64, rope_dtype=f64, out_dtype=f64, rotary_dim=rd,
-                    interleaved=interleaved)
+                    interleaved=interleaved, half_table=half_table)
     out = norm_rope_reference(x, w if norm == "rms" else None, cos, sin, 1e-6, recipe)
 
     y = x
@@ -245,4 +248,35 @@ def test_reference_does_not_modify_inputs_and_is_dense():
     assert torch.equal(qkv, before)
     assert out.is_contiguous()  # dense in x's stride order, which for this view is row-major
     expected = apply_rope(llama_rmsnorm(x, w, 1e-6), cos, sin, 16, False, torch.bfloat16)
+    assert torch.equal(out, expected)
+
+
+def wan_apply_rotary_emb(hidden_states, freqs_cos, freqs_sin):
+    """diffusers WanAttnProcessor's apply_rotary_emb (also SkyReels-V2, Wan-Animate), literally."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_half_table_equals_wan_code(dtype):
+    """Wan's q path (torch.nn.RMSNorm over all heads, unflatten, its RoPE with float32 freqs
+    [1, S, 1, D] of independent angles) and the half-table recipe the pass derives for it, given the
+    step-2 views of the freqs: bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    B, S, H, D = 2, 5, 3, 32
+    x = torch.randn(B, S, H * D, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(H * D, generator=g)).to(dtype)
+    angle = torch.rand(1, S, 1, D, generator=g) * 2 * math.pi
+    freqs_cos, freqs_sin = angle.cos(), angle.sin()
+    expected = wan_apply_rotary_emb(
+        torch.nn.functional.rms_norm(x, (H * D,), w, 1e-6).unflatten(2, (H, -1)), freqs_cos, freqs_sin)
+    recipe = Recipe(norm="rms", norm_dtype=dtype, rope_dtype=torch.float32, out_dtype=dtype, rotary_dim=D,
+                    interleaved=True, norm_heads_dim=-2, half_table=True)
+    out = norm_rope_reference(x.unflatten(2, (H, -1)), w, freqs_cos[..., 0::2], freqs_sin[..., 1::2], 1e-6,
+                              recipe)
     assert torch.equal(out, expected)

@@ -734,12 +734,12 @@ SEEDED_BUGS = {
 }
 
 
-@pytest.mark.parametrize("bug", list(SEEDED_BUGS))
-def test_seeded_bugs_are_caught(bug):
-    old, new = SEEDED_BUGS[bug]
+@contextlib.contextmanager
+def _seeded_kernel(old: str, new: str):
+    """An interpreted copy of the kernel module with `old` replaced by `new` in its source."""
     src = open(tk.__file__).read()
     assert src.count(old) == 1, f"the seeded bug's anchor is not in the kernel source: {old!r}"
-    path = os.path.join(os.path.dirname(tk.__file__), f"_seeded_{abs(hash(bug))}.py")
+    path = os.path.join(os.path.dirname(tk.__file__), f"_seeded_{abs(hash((old, new)))}.py")
     name = "qkfuse.kernels._triton_seeded"
     old_env = os.environ.get("TRITON_INTERPRET")
     with open(path, "w") as f:
@@ -759,16 +759,93 @@ def test_seeded_bugs_are_caught(bug):
                 else:
                     os.environ["TRITON_INTERPRET"] = old_env
             try:
-                across = "across" in bug
-                cases = [(_layer_case(torch.float32, "bhsd", "partial", across=across, head_dim=80,
-                                      weight_heads=not across), not across)]
-                with pytest.raises(AssertionError):
-                    for c, weight_heads in cases:
-                        _run_layer(mod, c, weight_heads)
+                yield mod
             finally:
                 sys.modules.pop(name, None)
     finally:
         os.remove(path)
+
+
+@pytest.mark.parametrize("bug", list(SEEDED_BUGS))
+def test_seeded_bugs_are_caught(bug):
+    with _seeded_kernel(*SEEDED_BUGS[bug]) as mod:
+        across = "across" in bug
+        cases = [(_layer_case(torch.float32, "bhsd", "partial", across=across, head_dim=80,
+                              weight_heads=not across), not across)]
+        with pytest.raises(AssertionError):
+            for c, weight_heads in cases:
+                _run_layer(mod, c, weight_heads)
+
+
+# ---- half tables (Recipe.half_table): one cos/sin entry per rotated pair (Wan) -------------------
+
+
+def _half_case(dtype, layout, interleaved, across=False, head_dim=32, rd=None):
+    rd = rd or head_dim
+    # Wan: float32 tables, RoPE in float32, one rounding into the input dtype
+    recipe = Recipe(norm="rms", norm_dtype=dtype, rope_dtype=torch.float32, out_dtype=dtype, rotary_dim=rd,
+                    interleaved=interleaved, norm_heads_dim=HEADS_DIM[layout] if across else 0, half_table=True)
+    return Case(dtype=dtype, head_dim=head_dim, recipe=recipe, has_weight=True, weight_dtype=dtype,
+                cos_dtype=torch.float32, layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=1,
+                q_eps=1e-6, k_eps=0.5, scale=1.0, config=None, seed=33, across=across)
+
+
+def _half_inputs(c: Case, strided: bool):
+    """make_inputs with half tables: Wan's step-2 views freqs_cos[..., 0::2] / freqs_sin[..., 1::2] of
+    full-width tables (independent angles, so a read of the wrong entries shows), or contiguous ones."""
+    q, k, qw, kw, cos, sin = make_inputs(dataclasses.replace(c, recipe=dataclasses.replace(c.recipe, half_table=False)))
+    if strided:
+        return q, k, qw, kw, cos[..., 0::2], sin[..., 1::2]
+    return q, k, qw, kw, cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous()
+
+
+def _run_half(mod, c: Case, strided: bool):
+    q, k, qw, kw, cos, sin = _half_inputs(c, strided)
+    check_qk(q, k, qw, kw, cos, sin, c.recipe)  # the ops' own argument checks
+    assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
+    q_out, k_out = mod.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
+    _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+    _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+    return q, qw, cos, sin, q_out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_table(interp, layout, rope, dtype):
+    """Half tables at stride 2 (the views the pass hands over) and contiguous, per head and across
+    heads: the reference's function, which a table read at stride 1 or at the full-width index is not."""
+    for strided, across in ((True, False), (False, False), (True, True)):
+        c = _half_case(dtype, layout, rope == "interleaved", across=across, rd=16 if rope == "partial" else None)
+        q, qw, cos, sin, q_out = _run_half(interp, c, strided)
+        dense = norm_rope_reference(q, qw, cos.contiguous(), sin.contiguous(), c.q_eps, c.recipe)
+        assert torch.equal(dense, norm_rope_reference(q, qw, cos, sin, c.q_eps, c.recipe))
+        if strided:  # the entries a stride-1 read of the same storage would give
+            flat_c = cos.as_strided(cos.shape, (*cos.stride()[:-1], 1))
+            wrong = norm_rope_reference(q, qw, flat_c, sin, c.q_eps, c.recipe)
+            assert (wrong.float() - q_out.float()).abs().max() > 0.1
+
+
+def test_supports_half_table():
+    c = _half_case(torch.bfloat16, "bhsd", True)
+    q, k, qw, kw, cos, sin = _half_inputs(c, True)
+    assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None  # strided tables are fine
+    full = dataclasses.replace(c.recipe, half_table=False)
+    assert "not contiguous" in tk.supports(q, k, cos, full, sin, qw, kw)
+    cache = torch.randn(8, c.recipe.rotary_dim)
+    assert "cache" in tk.supports(q, k, cache, c.recipe, None, qw, kw, torch.zeros(3, dtype=torch.long))
+
+
+HALF_TABLE_BUGS = {
+    "table read at stride 1": ("cos_ptr + c_row + dh * c_sd, mask=cm", "cos_ptr + c_row + dh, mask=cm"),
+    "strides not passed": ("*((cos.stride(-1), sin.stride(-1)) if half_table else (1, 1)),", "*(1, 1),"),
+}
+
+
+@pytest.mark.parametrize("bug", list(HALF_TABLE_BUGS))
+def test_half_table_seeded_bugs_are_caught(bug):
+    with _seeded_kernel(*HALF_TABLE_BUGS[bug]) as mod, pytest.raises(AssertionError):
+        _run_half(mod, _half_case(torch.float32, "bshd_transposed", True), True)
 
 
 # ---- eager launch plans ------------------------------------------------------------------------------
