@@ -1,6 +1,6 @@
 """QK-norm + RoPE on the GPU: correctness first, then timings of every way to run it.
 
-    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,across,layer,sweep] [--no-flashinfer] [--tag T]
+    python benchmarks/bench_qk_norm_rope.py [--shapes main,extra,across,layer,wan,sweep] [--no-flashinfer] [--tag T]
 
 For each shape it
 1. checks correctness: fresh random inputs, a float64 reference of the same HF code, memory
@@ -122,6 +122,31 @@ def persimmon_layernorm(q, k, qw, kw, qb, kb, cos, sin):
     return tuple(out)
 
 
+WAN_HEAD_DIM = 128
+
+
+def wan_rope(hidden_states, freqs_cos, freqs_sin):
+    """diffusers transformer_wan.py's apply_rotary_emb (SkyReels-V2 and Wan-Animate have the same)."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+def wan_across(q, k, qw, kw, freqs_cos, freqs_sin):
+    """diffusers Wan self-attention: torch.nn.RMSNorm over all heads of the flat [B,S,H*D]
+    projection, unflatten to heads, RoPE per pair with float32 freqs [1,S,1,D] (the recipe's
+    half_table: their step-2 views)."""
+    out = []
+    for x, w in ((q, qw), (k, kw)):
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6).unflatten(2, (-1, WAN_HEAD_DIM))
+        out.append(wan_rope(x, freqs_cos, freqs_sin))
+    return tuple(out)
+
+
 def qkv_strided(qkv, qw, kw, cos, sin, Hq, Hk, D):
     """A fused qkv projection: q and k are strided slices of one [B,S,(Hq+2Hk)*D] tensor."""
     B, S = qkv.shape[:2]
@@ -137,7 +162,7 @@ class Case:
     hq: int
     hk: int
     d: int
-    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv | across | layer
+    form: str = "qwen3"  # qwen3 | partial | interleaved | qkv | across | layer | wan
     dtype: torch.dtype = torch.bfloat16
     group: str = "main"
 
@@ -158,6 +183,11 @@ class Case:
             cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
             return olmo2_across, (r(1, T, Hq * D), r(1, T, Hk * D), r(Hq * D) * 0.5 + 1, r(Hk * D) * 0.5 + 1,
                                   cos, sin)
+        if self.form == "wan":  # float32 freqs as diffusers builds them (repeat_interleave'd), [H*D] weights
+            assert D == WAN_HEAD_DIM
+            ang = torch.rand(1, T, 1, D // 2, device=DEV, generator=gen) * 6.28
+            fc, fs = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+            return wan_across, (r(1, T, Hq * D), r(1, T, Hk * D), r(Hq * D) * 0.5 + 1, r(Hk * D) * 0.5 + 1, fc, fs)
         if self.form == "layer":
             rd = self.rotary_dim()
             ang = torch.rand(1, T, rd // 2, device=DEV, generator=gen) * 6.28
@@ -181,7 +211,7 @@ class Case:
     def bytes_moved(self):
         """Read q, k, cos, sin once; write q, k once."""
         e = torch.finfo(self.dtype).bits // 8
-        cs = 4 if self.form in ("interleaved", "across") else e
+        cs = 4 if self.form in ("interleaved", "across", "wan") else e
         rd = self.rotary_dim()
         return 2 * self.tokens * (self.hq + self.hk) * self.d * e + 2 * self.tokens * rd * cs
 
@@ -213,6 +243,12 @@ LAYER = [  # LayerNorm q/k norms: under kernels="auto" left to Inductor until th
     Case("layer 4k, Persimmon-8B 64/64 x64", 4096, 64, 64, 64, "layer", rd=32, group="layer"),
     Case("layer 4k, Phi-2 32/32 x80", 4096, 32, 32, 80, "layer", rd=32, group="layer"),
     Case("layer 32k, Phi-2 32/32 x80", 32768, 32, 32, 80, "layer", rd=32, group="layer"),
+]
+WAN = [  # Wan's half tables (one cos/sin per pair): under kernels="auto" left to Inductor until measured
+    Case("wan 4k, Wan2.1-14B 40x128", 4096, 40, 40, 128, "wan", group="wan"),
+    Case("wan 32k, Wan2.1-14B 40x128", 32768, 40, 40, 128, "wan", group="wan"),
+    Case("wan 4k, Wan2.1-1.3B 12x128", 4096, 12, 12, 128, "wan", group="wan"),
+    Case("wan 32k, Wan2.1-1.3B 12x128", 32768, 12, 12, 128, "wan", group="wan"),
 ]
 SWEEP = [Case(f"sweep {t}", t, 32, 8, 128, group="sweep") for t in (64, 256, 1024, 4096, 16384, 32768)]
 
@@ -261,8 +297,8 @@ def timed(fn, args):
 
 def variants(fn, with_flashinfer, form="qwen3"):
     qk = qkfuse.qkfuse_backend
-    # kernels="auto" leaves LayerNorm sites to Inductor until measured: measure the kernel
-    opts = {"qkfuse.kernels": "triton"} if form == "layer" else None
+    # kernels="auto" leaves LayerNorm and half-table sites to Inductor until measured: measure the kernel
+    opts = {"qkfuse.kernels": "triton"} if form in ("layer", "wan") else None
     # (torch.compile refuses mode= with options=; qkfuse.fuse merges them)
     v = {
         "eager": lambda: fn,
@@ -305,7 +341,7 @@ def run_case(case, bw, with_flashinfer):
         ref64 = fn(*[a.double() for a in args])
         eager = fn(*args)
         row["checks"]["eager_rel_err_vs_fp64"] = rel_err(eager, ref64)
-        todo = variants(fn, with_flashinfer and case.form not in ("across", "layer"), case.form)
+        todo = variants(fn, with_flashinfer and case.form not in ("across", "layer", "wan"), case.form)
         if case.group == "sweep":
             todo = {n: todo[n] for n in ("inductor", "qkfuse")}
         for name, make in todo.items():
@@ -472,7 +508,7 @@ def main():
         except Exception:
             with_fi = False
     groups = a.shapes.split(",")
-    cases = [c for c in MAIN + EXTRA + ACROSS + LAYER + SWEEP if c.group in groups and a.only in c.name]
+    cases = [c for c in MAIN + EXTRA + ACROSS + LAYER + WAN + SWEEP if c.group in groups and a.only in c.name]
     bw = copy_bandwidth()
     meta = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": triton.__version__, "flashinfer": fi_version,

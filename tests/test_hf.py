@@ -125,3 +125,26 @@ def test_optimize_diffusers_flux():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(**kw)
     assert sum(1 for e in prof.events() if e.name == "qkfuse::qk_norm_rope") == 2  # one per single block
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", ["WanTransformer3DModel", "SkyReelsV2Transformer3DModel"])
+def test_diffusers_wan_fuses_its_pair_rotation(cls):
+    """Unmodified diffusers Wan and SkyReels-V2: torch.nn.RMSNorm across heads, then RoPE written
+    per pair into an empty_like (float32 freqs, their step-2 views as half tables): q and k of every
+    block's self-attention fuse into one call, equal to eager."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    layers = 2
+    model = getattr(diffusers, cls)(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 2, 16, 16), encoder_hidden_states=torch.randn(1, 12, 16),
+              timestep=torch.tensor([500.0]))
+    with torch.no_grad():
+        ref = model(**kw).sample
+        out = torch.compile(model, backend="qkfuse")(**kw).sample
+    assert counters["qkfuse"]["norm_rope_calls"] == layers and counters["qkfuse"]["norm_rope_sites"] == 2 * layers
+    assert counters["qkfuse"]["norm_rope_refused"] == 0
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -3,7 +3,8 @@
 Real attention code reaches the post-grad graph in many spellings: ``x.view`` vs ``reshape``,
 ``chunk``/``split``+getitem vs slices, ``x*w`` vs ``w*x``, dtype converts present or absent
 (float32 graphs have none), eps as a literal or (dynamic=True) a 0-d tensor input, ``add.Tensor``
-vs ``add.Scalar``, ``rsqrt(v)`` vs ``pow(v, -0.5)``. The helpers here read every such spelling
+vs ``add.Scalar``, ``rsqrt(v)`` vs ``pow(v, -0.5)``, ``out = empty_like(x); out[..., 0::2] = v``
+(post-grad ``slice_scatter`` into an ``empty``) vs a ``cat``. The helpers here read every such spelling
 into one form, without rewriting the graph, so each matcher (``rope.py``, ``rms_norm.py``) reads
 one shape.
 """
@@ -300,6 +301,58 @@ def last_dim_slice(n) -> LastDimSlice | None:
             if norm_dim(dim, nd) == nd - 2 and rows == 2:  # x.reshape(..., 2, D/2).unbind(-2)[i]: a half
                 return LastDimSlice(x, idx * width, (idx + 1) * width, 1)
     return None
+
+
+def _last_dim_bounds(src, dim, start, end, step) -> tuple[int, int, int] | None:
+    """(start, stop, step) of ``src[..., start:end:step]`` along the last dim, bounds clamped."""
+    nd = ndim_of(src)
+    if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) != nd - 1:
+        return None
+    size = static_int(tensor_val(src).shape[-1])
+    start = 0 if start is None else static_int(start)
+    end = size if end is None else static_int(end)
+    step = static_int(step)
+    if size is None or start is None or end is None or step is None:
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, start), min(end, size), step
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatteredPart:
+    start: int
+    stop: int
+    step: int
+    value: Node  # what was written, before the write's conversion to the target's dtype
+    nodes: list[Node]  # the slice_scatter, and its copy and target slice if any
+
+
+def last_dim_setitems(n) -> tuple[Node, list[ScatteredPart]] | None:
+    """``out = torch.empty_like(x); out[..., a:b:s] = v; ...`` (Wan's RoPE) as post-grad writes it:
+    ``slice_scatter(base, copy(slice(base, -1, a, b, s), v), -1, a, b, s)`` chained onto an ``empty``.
+    Returns (the empty, the parts in write order), else None. Whether the parts cover the tensor
+    is the caller's to check (an unwritten element of an empty is garbage)."""
+    parts = []
+    while is_op(n, aten.slice_scatter):
+        base, written = n.args[0], n.args[1]
+        a = [*n.args[2:], *[None] * 4][:4]
+        dim = a[0] if a[0] is not None else n.kwargs.get("dim", 0)
+        bounds = _last_dim_bounds(base, dim, a[1] if a[1] is not None else n.kwargs.get("start"),
+                                  a[2] if a[2] is not None else n.kwargs.get("end"),
+                                  a[3] if a[3] is not None else n.kwargs.get("step", 1))
+        if bounds is None:
+            return None
+        value, nodes = written, [n]
+        if is_op(written, aten.copy) and not written.kwargs.get("non_blocking", False):
+            target = last_dim_slice(written.args[0])
+            if target is None or target.src is not base or (target.start, target.stop, target.step) != bounds:
+                return None
+            value, nodes = written.args[1], [n, written, written.args[0]]
+        parts.append(ScatteredPart(*bounds, value, nodes))
+        n = base
+    if not parts or not is_op(n, aten.empty, aten.empty_like, aten.empty_strided):
+        return None
+    return n, parts[::-1]
 
 
 def last_dim_split_source(n) -> tuple[Node, int, int] | None:

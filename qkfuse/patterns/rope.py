@@ -9,6 +9,12 @@ on the result). rotate is
   ``rotate_every_two``, cohere, glm) or diffusers' ``reshape(..., D/2, 2).unbind(-1)``. GPT-J's
   ``repeat_interleave``'d cos/sin are full-width tables like any other: nothing to match there;
 
+or the explicit pair rotation (Wan, SkyReels-V2, Wan-Animate): each pair (a, b) of x, its even/odd
+elements or its two halves, becomes (a*c - b*s, a*s + b*c) with one c, s per pair (half-width
+tables, the recipe's ``half_table``: Wan's ``freqs_cos[..., 0::2]`` / ``freqs_sin[..., 1::2]``),
+written back by ``out = empty_like(x); out[..., 0::2] = ...; out[..., 1::2] = ...`` (post-grad:
+``slice_scatter`` into an ``empty``) or ``cat`` / ``stack(..).flatten(-2)``;
+
 partial rotary ``cat([rope(x[..., :rd]), x[..., rd:]])``, wherever the cat is written (inside
 the RoPE function or at the call site: the graphs are the same), the split as slices,
 ``split``/``chunk``. Refused with the reason: DeepSeek's ``apply_rotary_pos_emb_interleave``
@@ -46,11 +52,12 @@ class RopeMatch:
     rope_dtype: torch.dtype
     out_dtype: torch.dtype
     interior: list[Node]
+    half_table: bool = False  # cos/sin hold one value per rotated pair (rotary_dim // 2 wide)
 
     def recipe_part(self) -> dict:
         """The RoPE fields of the Recipe."""
         return dict(rope_dtype=self.rope_dtype, out_dtype=self.out_dtype, rotary_dim=self.rotary_dim,
-                    interleaved=self.interleaved)
+                    interleaved=self.interleaved, half_table=self.half_table)
 
 
 def _slice_nodes(n: Node) -> list[Node]:
@@ -130,14 +137,158 @@ def _deinterleaved_source(n: Node) -> Node | None:
     return next((src for src, starts in pairs.items() if starts == {0, 1}), None)
 
 
+@dataclasses.dataclass
+class PairRotation:
+    """``(a*c - b*s, a*s + b*c)`` for the pairs (a, b) of src, assembled at `anchor`."""
+    anchor: Node
+    src: Node
+    cos: Node
+    sin: Node
+    interleaved: bool
+    rope_dtype: torch.dtype
+    out_dtype: torch.dtype
+    exact_out: bool  # the assembly rounds nothing (out_dtype == rope_dtype): one convert after may join
+    nodes: list[Node]
+
+
+def _widened_part(op) -> tuple[canon.LastDimSlice, list[Node]] | None:
+    """(the slice, its nodes from op down) of ``op`` = a last-dim slice behind widening converts."""
+    if not isinstance(op, Node):
+        return None
+    src = canon.upcast_source(op)
+    sl = canon.last_dim_slice(src)
+    if sl is None:
+        return None
+    nodes, n = [], op
+    while n is not src:
+        nodes.append(n)
+        n = n.args[0]
+    return sl, nodes + _slice_nodes(src)
+
+
+def _pair_split(lo: tuple, hi: tuple, d: int | None) -> bool | None:
+    """interleaved (True) when the (start, stop, step) bounds lo, hi are [0::2], [1::2] of a last dim
+    of d; neox (False) when they are its two halves; else None."""
+    if not d or d % 2:
+        return None
+    if lo == (0, d, 2) and hi == (1, d, 2):
+        return True
+    if lo == (0, d // 2, 1) and hi == (d // 2, d, 1):
+        return False
+    return None
+
+
+def _pair_layout(a: canon.LastDimSlice, b: canon.LastDimSlice) -> bool | None:
+    """_pair_split of the slices a, b of one tensor."""
+    if a.src is not b.src:
+        return None
+    return _pair_split((a.start, a.stop, a.step), (b.start, b.stop, b.step),
+                       canon.static_int(tensor_val(a.src).shape[-1]))
+
+
+def _product_of(p, part: Node, table: Node) -> list[Node] | None:
+    """The nodes of ``p`` = part' * table' (either order), part' the same slice as `part` (maybe
+    widened again) and table' the same data as `table`; else None."""
+    for x, t in canon.both_orders(canon.binary(p, aten.mul)):
+        if isinstance(x, Node) and isinstance(t, Node) and canon.upcast_source(x) is canon.upcast_source(part) \
+                and canon.data_identity(t) == canon.data_identity(table):
+            nodes, n = [p], x
+            while n is not canon.upcast_source(part):
+                nodes.append(n)
+                n = n.args[0]
+            return nodes
+    return None
+
+
+def _pair_terms(first: Node, second: Node):
+    """Readings (x, cos, sin, interleaved, nodes) of first = a*c - b*s and second = a*s + b*c, (a, b)
+    the pairs of x (any operand order of the products and of the sum)."""
+    sub, add = canon.binary(first, aten.sub), canon.binary(second, aten.add)
+    if sub is None or add is None:
+        return
+    for a, c in canon.both_orders(canon.binary(sub[0], aten.mul)):
+        pa = _widened_part(a)
+        if pa is None or not isinstance(c, Node):
+            continue
+        for b, s in canon.both_orders(canon.binary(sub[1], aten.mul)):
+            pb = _widened_part(b)
+            interleaved = None if pb is None or not isinstance(s, Node) else _pair_layout(pa[0], pb[0])
+            if interleaved is None:
+                continue
+            for p3, p4 in canon.both_orders(add):
+                n3, n4 = _product_of(p3, a, s), _product_of(p4, b, c)
+                if n3 is not None and n4 is not None:
+                    yield pa[0].src, c, s, interleaved, [first, second, sub[0], sub[1], *pa[1], *pb[1], *n3, *n4]
+
+
+def _assembled_pairs(n: Node):
+    """(first, second, interleaved, out dtype or None, nodes) of the ways RoPE's two outputs per pair
+    are put back in x's layout: ``slice_scatter`` of both into an ``empty`` (setitem; out dtype: the
+    empty's), ``cat`` of the halves, or ``stack(.., -1).flatten(-2)`` of the pairs (out dtype None:
+    the parts')."""
+    setitems = canon.last_dim_setitems(n)
+    if setitems is not None:
+        empty, parts = setitems
+        if len(parts) != 2:
+            return None
+        lo, hi = sorted(parts, key=lambda p: p.start)
+        interleaved = _pair_split((lo.start, lo.stop, lo.step), (hi.start, hi.stop, hi.step),
+                                  canon.static_int(tensor_val(empty).shape[-1]))
+        if interleaved is None:  # (an element no part writes would be the empty's garbage)
+            return None
+        return lo.value, hi.value, interleaved, dtype_of(empty), [*parts[1].nodes, *parts[0].nodes, empty]
+    parts = _cat_on_last_dim(n)
+    if parts is not None and len(parts) == 2:
+        return parts[0], parts[1], False, None, [n]
+    if canon.merges_last_two_dims(n):
+        pairs = _cat_on_last_dim(n.args[0])
+        if pairs is not None and len(pairs) == 2 and all(
+                is_op(u, aten.unsqueeze) and canon.is_last_dim(u.args[1], u) for u in pairs):
+            return pairs[0].args[0], pairs[1].args[0], True, None, [n, n.args[0], *pairs]
+    return None
+
+
+def pair_rotation(n: Node) -> PairRotation | None:
+    """The explicit pair rotation assembled at n (see the module docstring), else None."""
+    if not is_op(n, aten.slice_scatter, aten.cat, aten.reshape, aten.view):
+        return None
+    assembled = _assembled_pairs(n)
+    if assembled is None:
+        return None
+    first, second, interleaved, out_dtype, nodes = assembled
+    # each output may be converted once (to the empty's dtype, or to the cat's)
+    values = [canon.strip_converts(v) for v in (first, second)]
+    if any(len(convs) > 1 for _, convs in values):
+        return None
+    (f, f_convs), (s, s_convs) = values
+    converted = {dtype_of(v) for v in (first, second)}
+    if len(converted) != 1 or out_dtype is not None and f_convs + s_convs and converted != {out_dtype}:
+        return None  # (a convert then another rounding write: two roundings)
+    rope_dtype = dtype_of(f)
+    if dtype_of(s) != rope_dtype:
+        return None
+    out_dtype = out_dtype or converted.pop()
+    for x, cos, sin, il, terms in _pair_terms(f, s):
+        products = terms[2:4] + [t for t in terms[4:] if is_op(t, aten.mul)]
+        if il != interleaved or any(dtype_of(p) != rope_dtype for p in products):
+            continue
+        xv, nv = tensor_val(x), tensor_val(n)
+        if xv.dim() != nv.dim() or not all(canon.same_int(a, b) for a, b in zip(xv.shape, nv.shape)):
+            continue  # (a write that broadcasts the rotated pairs into a larger empty)
+        return PairRotation(n, x, cos, sin, interleaved, rope_dtype, out_dtype,
+                            out_dtype == rope_dtype and not f_convs, [*nodes, *f_convs, *s_convs, *terms])
+    return None
+
+
 def is_candidate(n: Node) -> bool:
-    """An add of two products, one with a rotate_half-like operand, or DeepSeek's de-interleaved RoPE."""
+    """An add of two products, one with a rotate_half-like operand, DeepSeek's de-interleaved RoPE, or an
+    explicit pair rotation."""
     if canon.binary(n, aten.add) is not None:
         a, b = n.args[:2]
         if is_op(a, aten.mul) and is_op(b, aten.mul):
             ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
             return any(rotation(o) is not None or symbolic_rotation_source(o) is not None for o in ops)
-    return _deinterleaved_source(n) is not None
+    return _deinterleaved_source(n) is not None or pair_rotation(n) is not None
 
 
 def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
@@ -145,7 +296,7 @@ def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
     row views: the norm outputs that feed a RoPE (whether or not that RoPE is fused)."""
     out = set()
     for n in graph.nodes:
-        r = rotation(n)
+        r = rotation(n) or pair_rotation(n)
         src = r.src if r is not None else symbolic_rotation_source(n) or _deinterleaved_source(n)
         if src is None:
             continue
@@ -162,6 +313,15 @@ def match_rope(add: Node) -> RopeMatch:
     if _deinterleaved_source(add) is not None:
         raise Refused("DeepSeek's apply_rotary_pos_emb_interleave: its output is de-interleaved (each pair's "
                       "rotated values go to the two halves), a layout the kernels do not write")
+    pr = pair_rotation(add)
+    if pr is not None:
+        y, widened, n = canon.upcast_source(pr.src), [], pr.src
+        while n is not y:  # (x.float() before the pairs are taken)
+            widened.append(n)
+            n = n.args[0]
+        interior = [*dict.fromkeys([*pr.nodes, *widened])]
+        return _finish(pr.anchor, y, pr.cos, pr.sin, pr.interleaved, pr.rope_dtype, pr.out_dtype, interior,
+                       half_table=True, convert_joins=pr.exact_out)
     pair = canon.binary(add, aten.add)
     if pair is None:
         raise Refused("not an add")
@@ -193,7 +353,14 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
         interior.append(x_in)
     if src is not y:
         interior.append(src)
-    rope_dtype = dtype_of(add)
+    return _finish(add, y, cos, sin, r.interleaved, dtype_of(add), dtype_of(add), interior)
+
+
+def _finish(anchor: Node, y: Node, cos, sin, interleaved: bool, rope_dtype, out_dtype, interior: list[Node],
+            half_table: bool = False, convert_joins: bool = True) -> RopeMatch:
+    """The RopeMatch of RoPE on y computed up to `anchor` (interior: its nodes, anchor included):
+    tables checked, one convert after it joined when that is the only rounding to the output dtype,
+    a partial-rotary cat after it joined."""
     for t, name in ((cos, "cos"), (sin, "sin")):
         if not isinstance(t, Node) or tensor_val(t) is None:
             raise Refused(f"{name} is not a tensor")
@@ -201,19 +368,20 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
             raise Refused(f"{name} depends on the rotated tensor")
     rot_v, cos_v, sin_v = tensor_val(y), tensor_val(cos), tensor_val(sin)
     rd = canon.static_int(rot_v.shape[-1])
+    width = rd // 2 if half_table and rd else rd  # (a half table: one entry per pair)
     for v, name in ((cos_v, "cos"), (sin_v, "sin")):
-        if canon.static_int(v.shape[-1]) != rd:
-            raise Refused(f"{name} last dim {v.shape[-1]} != rotated dim {rd}")
+        if canon.static_int(v.shape[-1]) != width:
+            raise Refused(f"{name} last dim {v.shape[-1]} != " + (f"the rotated pairs {width}" if half_table else
+                                                                  f"rotated dim {rd}"))
         try:
             b = torch.broadcast_shapes(v.shape[:-1], rot_v.shape[:-1])
         except RuntimeError:
             raise Refused(f"{name} {tuple(v.shape)} does not broadcast to x {tuple(rot_v.shape)}") from None
         if len(b) != len(rot_v.shape[:-1]) or not all(canon.same_int(p, q) for p, q in zip(b, rot_v.shape[:-1])):
             raise Refused(f"{name} {tuple(v.shape)} is larger than x {tuple(rot_v.shape)}")
-    # The op's output: at most one convert after the add joins the site; any further one stays in
-    # the graph, after the op.
-    anchor, out_dtype = add, rope_dtype
-    if len(anchor.users) == 1 and canon.is_convert(next(iter(anchor.users))):
+    # The op's output: at most one convert after the RoPE joins the site (where it is the only rounding
+    # to the output dtype); any further one stays in the graph, after the op.
+    if convert_joins and len(anchor.users) == 1 and canon.is_convert(next(iter(anchor.users))):
         anchor = next(iter(anchor.users))
         interior.append(anchor)
         out_dtype = dtype_of(anchor)
@@ -231,4 +399,4 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
             cat = next(iter(anchor.users))
             interior += dict.fromkeys([*_slice_nodes(y), *_slice_nodes(parts[1]), cat])
             anchor, full_src = cat, sl.src
-    return RopeMatch(anchor, full_src, cos, sin, rd, r.interleaved, rope_dtype, out_dtype, interior)
+    return RopeMatch(anchor, full_src, cos, sin, rd, interleaved, rope_dtype, out_dtype, interior, half_table)
