@@ -9,7 +9,9 @@
 - ``auto``: CPU → inline; CUDA → Triton, or flashinfer where the committed measurements
   (kernels/policy.json, written by benchmarks/bench_qk_norm_rope.py) say it is faster. A norm
   across heads (OLMo2) is fused too: its grid beat Inductor at every measured shape on the H200
-  (1.05x-1.36x device time, benchmarks/results/2026-12-02-h200-across.md).
+  (1.05x-1.36x device time, benchmarks/results/2026-12-02-h200-across.md); so is a LayerNorm q/k
+  norm (Persimmon, Phi: 2.0x-3.1x device time at 64 to 32k tokens,
+  benchmarks/results/2026-12-02-h200-layer.md). Held: half_table RoPE (Wan), not yet measured.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
-LAYER_UNMEASURED = ("LayerNorm (mean subtracted, bias, weight per head): the Triton kernel's mode for it is not yet "
-                    "measured against Inductor on a GPU")
 HALF_TABLE_UNMEASURED = ("RoPE with one cos/sin entry per pair (half_table: Wan, SkyReels-V2, Wan-Animate): the "
                          "Triton kernel's mode for it is not yet measured against Inductor on a GPU")
 
@@ -82,14 +82,9 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    layer = recipe.norm == "layer" or recipe.weight_heads_dim or q_bias is not None or k_bias is not None
-    if layer and preference == "auto":
-        # Fuse only where it is measured to win: the kernel's LayerNorm mode (the mean pass, bias, a
-        # weight row per head) has no GPU benchmark against Inductor yet (bench_qk_norm_rope.py --shapes layer).
-        return None, (f"{LAYER_UNMEASURED}; site left to Inductor "
-                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if recipe.half_table and preference == "auto":
-        # as LayerNorm above, until bench_qk_norm_rope.py --shapes wan is measured
+        # Fuse only where it is measured to win: this mode has no GPU benchmark against Inductor yet
+        # (bench_qk_norm_rope.py --shapes wan)
         return None, (f"{HALF_TABLE_UNMEASURED}; site left to Inductor "
                       "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
