@@ -316,25 +316,34 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
                                                  *args, q_bias, k_bias)
 
 
-# Input layouts whose checks passed, and whether the Triton kernel computes them (else the
-# reference does): the checks read shapes, strides and dtypes only, so an eager loop pays them once.
+# Input layouts (and aliasing) whose checks passed: (whether the Triton kernel computes them, else
+# the reference does; the kernel's launch plan for them or None). The checks read shapes, strides
+# and dtypes only, so an eager loop pays them, and the launch planning, once per layout.
 _CHECKED: dict = {}
 _MAX_CHECKED = 1024
 
 
 def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache, positions, biases=(None, None)):
-    tensors = (q, k, q_weight, k_weight, cos, sin, cache, positions, *biases)
-    key = (recipe, *map(tensor_key, tensors))
+    from .kernels import triton_norm_rope as tk
+
     table = cos if cache is None else cache  # what the kernel reads the rotation from
-    kernel_ok = _CHECKED.get(key)
-    if kernel_ok is None:
+    # the kernel's tensors, in its plan's order (with a cos/sin cache: the cache, no sin)
+    tensors = (q, k, q_weight, k_weight, table, sin, positions, *biases)
+    key = (recipe, cache is None, tk.aliases(tensors), *map(tensor_key, tensors))
+    entry = _CHECKED.get(key)
+    if entry is None:
         _check(q, k, q_weight, k_weight, cos, sin, recipe, cache, positions, data=False, biases=biases)
-        kernel_ok = _CHECKED[key] = kernel_computes(q, k, q_weight, k_weight, table, sin, recipe, positions,
-                                                    q_bias=biases[0], k_bias=biases[1])
+        kernel_ok = kernel_computes(q, k, q_weight, k_weight, table, sin, recipe, positions,
+                                    q_bias=biases[0], k_bias=biases[1])
+        plan = tk.plan_for(*tensors[:6], recipe, positions, *biases) if kernel_ok else None
+        entry = _CHECKED[key] = (kernel_ok, plan)
         if len(_CHECKED) > _MAX_CHECKED:
             _CHECKED.pop(next(iter(_CHECKED)))
+    kernel_ok, plan = entry
     if cache is not None:  # the positions' values, on every call
         check_positions_in_range(positions, cache.shape[0])
+    if plan is not None:
+        return plan.run(tensors, q_eps, k_eps)
     return run_kernel(q, k, q_weight, k_weight, table, sin, q_eps, k_eps, recipe, positions,
                       q_bias=biases[0], k_bias=biases[1], use_kernel=kernel_ok)
 

@@ -755,18 +755,7 @@ def launch(
     """
     if not traceable and cache is None and bases is None and out_strides is None:
         tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias)
-        # which inputs are one tensor (q's weight given for k's too): a plan's slots follow it
-        aliases = tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
-        key = (recipe, config, num_stages, aliases, *map(tensor_key, tensors))
-        try:
-            plan = _PLANS.get(key, _UNPLANNED)
-        except TypeError:  # a symbolic size (not hashable): no plan
-            plan = None
-        if plan is _UNPLANNED:
-            plan = _PLANS[key] = _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions,
-                                       q_bias, k_bias)
-            if len(_PLANS) > _MAX_PLANS:  # a bounded cache: shapes seen long ago are planned again
-                _PLANS.pop(next(iter(_PLANS)))
+        plan = _cached_plan(tensors, recipe, config, num_stages)
         if plan is not None:
             return plan.run(tensors, q_eps, k_eps)
     return _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, traceable, config, num_stages,
@@ -776,6 +765,39 @@ def launch(
 _MAX_PLANS = 256
 _PLANS: dict = {}
 _UNPLANNED = object()
+
+
+def aliases(tensors) -> tuple | None:
+    """Which of the tensors are one tensor (q's weight given for k's too), as the index of each one's
+    first occurrence; None when all are distinct (the common case, found without the pairwise scan).
+    A plan's tensor slots follow it, so it is part of a plan's key."""
+    present = [id(t) for t in tensors if t is not None]
+    if len(set(present)) == len(present):
+        return None
+    return tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
+
+
+def plan_for(q, k, q_weight, k_weight, cos, sin, recipe: Recipe, positions=None, q_bias=None, k_bias=None):
+    """The eager launch plan for these inputs' layout, or None where none stands for it (see _Plan).
+    For callers that memoise their own per-layout work (qkfuse.functional): they run
+    ``plan.run((q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias), q_eps, k_eps)``, which
+    is ``launch`` for inputs of that layout and aliasing, without its key."""
+    return _cached_plan((q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias), recipe, None, None)
+
+
+def _cached_plan(tensors, recipe, config, num_stages):
+    key = (recipe, config, num_stages, aliases(tensors), *map(tensor_key, tensors))
+    try:
+        plan = _PLANS.get(key, _UNPLANNED)
+    except TypeError:  # a symbolic size (not hashable): no plan
+        return None
+    if plan is _UNPLANNED:
+        q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias = tensors
+        plan = _PLANS[key] = _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positions,
+                                   q_bias, k_bias)
+        if len(_PLANS) > _MAX_PLANS:  # a bounded cache: shapes seen long ago are planned again
+            _PLANS.pop(next(iter(_PLANS)))
+    return plan
 
 
 class _Slot(int):

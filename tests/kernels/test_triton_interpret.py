@@ -892,6 +892,38 @@ def test_launch_plans_follow_each_call(interp):
     assert len(interp._PLANS) == 3
 
 
+def test_functional_direct_path_reuses_its_plan_per_layout_and_aliasing(interp, monkeypatch):
+    """The eager functional path keeps the launch plan with its per-layout checks: a call with one
+    tensor as both weights and one with k's own weight (same layouts) get a plan each, and every
+    call computes from its own tensors."""
+    import qkfuse
+    import qkfuse.kernels
+    from qkfuse import functional
+
+    monkeypatch.setattr(qkfuse.kernels, "triton_norm_rope", interp)
+    monkeypatch.setattr(functional, "_direct_kernel", lambda q: True)
+    monkeypatch.setattr(functional, "_CHECKED", {})
+    torch.manual_seed(6)
+    T, D = 5, 16
+    recipe = Recipe("rms", 0.0, True, torch.float32, torch.float32, torch.float32, D, False)
+
+    def fresh():
+        ang = torch.rand(T, D // 2) * 6.3
+        return (torch.randn(T, 4, D), torch.randn(T, 2, D), 1 + 0.3 * torch.randn(D), 1 + 0.3 * torch.randn(D),
+                torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
+
+    with torch.no_grad():
+        for shared in (True, False, True, False):
+            q, k, qw, kw, cos, sin = fresh()
+            kw = qw if shared else kw
+            outs = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, eps=1e-5)
+            for out, x, w in zip(outs, (q, k), (qw, kw)):
+                ref = norm_rope_reference(x, w, cos.unsqueeze(-2), sin.unsqueeze(-2), 1e-5, recipe)
+                assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), shared
+    assert len(functional._CHECKED) == 2  # the aliasing is part of the key
+    assert all(ok and plan is not None for ok, plan in functional._CHECKED.values())
+
+
 def test_functional_direct_path_checks_once_per_layout_and_every_call_s_positions(interp, monkeypatch):
     """qkfuse.qk_norm_rope's eager kernel path (forced here onto CPU tensors and the interpreted
     kernel): a layout's input checks run once, a bad call is still refused after good ones with the
@@ -921,7 +953,8 @@ def test_functional_direct_path_checks_once_per_layout_and_every_call_s_position
             qkfuse.qk_norm_rope(q, k, qw[:8], kw, cos, sin)  # head_dim mismatch: another layout, checked
         qb, kb = 0.2 * torch.randn(D), 0.2 * torch.randn(D)  # a LayerNorm with bias, by the kernel
         qo, ko = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, eps=1e-5, norm="layer", q_bias=qb, k_bias=kb)
-        assert list(functional._CHECKED.values())[-1] is True  # the kernel computed it, not the reference
+        kernel_ok, plan = list(functional._CHECKED.values())[-1]
+        assert kernel_ok is True and plan is not None  # the kernel computed it (planned), not the reference
         layer = dataclasses.replace(recipe, norm="layer")
         for out, x, w, b in ((qo, q, qw, qb), (ko, k, kw, kb)):
             ref = norm_rope_reference(x, w, cos.unsqueeze(-2), sin.unsqueeze(-2), 1e-5, layer, bias=b)

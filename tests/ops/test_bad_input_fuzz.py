@@ -497,8 +497,14 @@ def test_fuzz_interpreted_kernel(interp, c: Case):
 
 
 def _interpreted_cuda_path(interp):
+    import qkfuse.kernels
+
+    # the direct path plans its launches with qkfuse.kernels.triton_norm_rope: the interpreted copy,
+    # and a memo of its own (plans made with the compiled module would launch it)
     patches = (mock.patch.object(functional, "_direct_kernel", lambda q: True),
-               mock.patch.object(functional, "run_kernel", functools.partial(run_kernel, kernels=interp)))
+               mock.patch.object(functional, "run_kernel", functools.partial(run_kernel, kernels=interp)),
+               mock.patch.object(qkfuse.kernels, "triton_norm_rope", interp),
+               mock.patch.object(functional, "_CHECKED", {}))
     stack = contextlib.ExitStack()
     for p in patches:
         stack.enter_context(p)
@@ -519,10 +525,17 @@ def test_interpreted_tables_wider_than_rope_dtype_are_exact(interp):
 @pytest.mark.parametrize("entry", sorted(FN))
 @pytest.mark.parametrize("layout", ["thd", "bshd", "bhsd"])
 def test_interpreted_kernel_serves_valid_calls(interp, entry, layout):
-    """Valid calls on the CUDA path launch the kernel (not the reference fallback)."""
+    """Valid calls on the CUDA path launch the kernel (not the reference fallback), once."""
     c = Case(entry=entry, dtype=torch.bfloat16, layout=layout, head_dim=24, rotary_dim=12, interleaved=False,
              norm="rms", weight=True, weight_offset=0.0, cos_dtype=torch.float32, drop_heads_axis=layout != "bhsd",
              batch=2, seq=3, q_heads=2, k_heads=1, bad=(), seed=3)
-    with _interpreted_cuda_path(interp), mock.patch.object(interp, "launch", wraps=interp.launch) as launch:
+    kernel, grids = interp.qk_norm_rope_kernel, []
+
+    class Counting:  # every launch, planned (the direct path's plan) or not, indexes the kernel by its grid
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    with _interpreted_cuda_path(interp), mock.patch.object(interp, "qk_norm_rope_kernel", Counting()):
         check(c, exact=False, interpreted=True)
-    assert launch.call_count == 1
+    assert len(grids) == 1, grids
