@@ -811,12 +811,19 @@ class _Plan:
     args: tuple  # the kernel's positional arguments: _Slot for a tensor, "q_eps"/"k_eps", else as is
     kwargs: dict
 
+    def __post_init__(self):
+        # the few positions a call fills in (tensors, eps), so a run copies the rest as planned
+        fills = tuple((i, a) for i, a in enumerate(self.args) if type(a) is _Slot or type(a) is str)
+        object.__setattr__(self, "_fills", fills)
+
     def run(self, tensors, q_eps, k_eps):
         outs = tuple(None if o is None else torch.empty_strided(o[0], o[1], dtype=o[2], device=o[3])
                      for o in self.outputs)
         every = (*tensors, *outs)
         eps = {"q_eps": _as_float(q_eps), "k_eps": _as_float(k_eps)}
-        args = [every[a] if type(a) is _Slot else eps[a] if type(a) is str else a for a in self.args]
+        args = list(self.args)
+        for i, a in self._fills:
+            args[i] = eps[a] if type(a) is str else every[a]
         qk_norm_rope_kernel[self.grid](*args, **self.kwargs)
         return outs
 
