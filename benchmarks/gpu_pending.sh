@@ -6,7 +6,7 @@
 # - every GPU test, with its whole output kept (the HF generate test failed twice, cause not kept;
 #   the functional tests now count kernel launches through the launch plans);
 # - the half_table RoPE mode (Wan) against Inductor: decides policy.py's HALF_TABLE_UNMEASURED;
-# - the eager functional call's cost after the plan memo (host_cost.py: 47 -> 25 us on CPU);
+# - the eager functional call's cost after the plan memo (host_cost.py: 47 -> 22 us on CPU);
 # - why an AOTInductor CUDA package segfaults at load (plain Inductor's too): loaded without
 #   importing qkfuse, and the test with the loader that creates the CUDA context first.
 set -uo pipefail
