@@ -148,3 +148,30 @@ def test_diffusers_wan_fuses_its_pair_rotation(cls):
     assert counters["qkfuse"]["norm_rope_calls"] == layers and counters["qkfuse"]["norm_rope_sites"] == 2 * layers
     assert counters["qkfuse"]["norm_rope_refused"] == 0
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.slow
+def test_diffusers_qwenimage_fuses_its_complex_rope():
+    """Unmodified diffusers QwenImage: per-head RMSNorm, then RoPE as a complex multiply
+    (``apply_rotary_emb_qwen(..., use_real=False)``, complex64 freqs, read as the interleaved
+    half-table recipe): the image q+k and the text q+k of every block become one call each, equal
+    to eager."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    layers = 2
+    model = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 16),
+              encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.long), timestep=torch.tensor([1.0]),
+              img_shapes=[(1, 4, 4)])
+    with torch.no_grad():
+        ref = model(**kw).sample
+        out = torch.compile(model, backend="qkfuse")(**kw).sample
+    assert counters["qkfuse"]["norm_rope_calls"] == 2 * layers  # image and text stream
+    assert counters["qkfuse"]["norm_rope_sites"] == 4 * layers and counters["qkfuse"]["norm_rope_refused"] == 0
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    with torch.no_grad():
+        report = qkfuse.explain(model, **kw)
+    assert len(report.fused) == 4 * layers and not report.refused
+    assert all(r.recipe == "rms + interleaved rope[16] half-table" for r in report.fused)

@@ -49,3 +49,42 @@ def test_rope_only_is_opt_in():
     assert records and not any(r.fused for r in records)
     assert all("RMSNorm" in r.reason for r in records), [r.reason for r in records]
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+COMPLEX_ROPE = {  # RoPE as a complex multiply (view_as_complex), complex64 freqs
+    # Llama4: its L2 qk-norm comes after RoPE (not a norm_rope site); RoPE in every layer here
+    "Llama4": lambda: (transformers.Llama4ForCausalLM, transformers.Llama4TextConfig(
+        **COMMON, intermediate_size_mlp=128, head_dim=16, num_local_experts=2, use_qk_norm=True,
+        no_rope_layers=[1] * LAYERS, attention_chunk_size=64, moe_layers=[])),
+    # DeepSeek-V2: RoPE on the q_pe / k_pe parts of q and k
+    "DeepseekV2": lambda: (transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config(
+        **COMMON, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=LAYERS)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(COMPLEX_ROPE))
+def test_complex_rope_models_fuse_in_the_rope_family(arch):
+    """Their complex RoPE reads as the interleaved half-table recipe: one call per layer with
+    families="rope", logits equal to eager; under the default families it is left alone (no norm in
+    front of it), still equal."""
+    cls, cfg = COMPLEX_ROPE[arch]()
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for families in ("rope", "norm_rope"):
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad(), collect() as records:
+            out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": families})(ids).logits
+        if families == "rope":
+            assert counters["qkfuse"]["rope_calls"] == LAYERS, dict(counters["qkfuse"])
+            assert counters["qkfuse"]["rope_sites"] == 2 * LAYERS
+            assert records and all(r.fused and "interleaved" in r.recipe and "half-table" in r.recipe
+                                   for r in records), records
+        else:
+            assert not any(r.fused for r in records) and "norm_rope_calls" not in counters["qkfuse"]
+            assert all("RMSNorm" in r.reason for r in records), [r.reason for r in records]
+        assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -32,6 +32,7 @@ from ..kernels import policy
 from ..options import Options
 from ..patterns import BY_NAME, FAMILIES, MatchContext, Refused, Site, canon, kv_cache
 from ..patterns.canon import dtype_of, static_int, tensor_val
+from ..patterns.family import table_value
 from .pairing import group_sites, placeable
 from .records import SiteRecord, publish
 from .replace import replace_group
@@ -284,8 +285,8 @@ def _choose(group, options: Options):
     q, k = group[0], (group[1] if len(group) > 1 else None)
     vals = [s.op_input(tensor_val(s.x)) for s in group]
     return policy.choose(
-        options.kernels, vals[0], vals[1] if k is not None else None, tensor_val(q.cos), q.recipe,
-        any(isinstance(s.eps, torch.fx.Node) for s in group), tensor_val(q.sin), q.param_value("weight"),
+        options.kernels, vals[0], vals[1] if k is not None else None, table_value(q.cos), q.recipe,
+        any(isinstance(s.eps, torch.fx.Node) for s in group), table_value(q.sin), q.param_value("weight"),
         None if k is None else k.param_value("weight"), q.param_value("bias"),
         None if k is None else k.param_value("bias"))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from ..patterns.family import ComplexPart
 from ..patterns.norm_rope import Site
 
 aten = torch.ops.aten
@@ -51,12 +52,23 @@ class _Inputs:
         else:
             self.add(name, param)
 
+    def add_table(self, name: str, table):
+        """cos or sin: a node, or a ComplexPart (the real or imaginary part of complex frequencies),
+        which `bind` takes as ``view_as_real(freqs)[..., part]``: a strided view, no copy."""
+        if isinstance(table, ComplexPart):
+            self.add(f"{name}#complex", table.of)
+            self.parts = {**getattr(self, "parts", {}), name: table.part}
+        else:
+            self.add(name, table)
+
     def bind(self, tensors, rows: bool = False) -> dict:
         """Name -> traced tensor; weights and biases become [H, D] with `rows` (a row per head: stacked
         per-head nodes, or an [H, 1, D] one flattened), else [D] (or [H * D] across heads)."""
         t = {name: tensors[i] for name, i in self.names.items()}
         for name, n in getattr(self, "stacked", {}).items():
             t[name] = torch.stack([t.pop(f"{name}#{i}") for i in range(n)])
+        for name, part in getattr(self, "parts", {}).items():
+            t[name] = torch.view_as_real(t.pop(f"{name}#complex")).select(-1, part)
         for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
             if name in t and t[name].dim() != (2 if rows else 1):  # ([1, .., 1, D] -> [D])
                 t[name] = t[name].reshape(-1, t[name].shape[-1]) if rows else t[name].reshape(-1)
@@ -82,8 +94,8 @@ def launcher(kernel: str, group: tuple[Site, ...]):
             if s.cache.v is not None:
                 ins.add("v", s.cache.v.src)
                 ins.add("v_cache", s.cache.v.cache)
-    ins.add("cos", q.cos)
-    ins.add("sin", q.sin)
+    ins.add_table("cos", q.cos)
+    ins.add_table("sin", q.sin)
     cached = k if k is not None else q  # the one site that may absorb a cache write
     cw = cached.cache
     q_eps = _eps_parts(q.eps)[0]

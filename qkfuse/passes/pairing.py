@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..patterns import norm_rope
 from ..patterns.canon import same_int, static_int, tensor_val
+from ..patterns.family import table_value
 
 Site = norm_rope.Site
 
@@ -61,7 +62,7 @@ def shapes_fit_one_launch(a: Site, b: Site) -> bool:
     if len(diff) > 1:
         return False
     if diff and a.cos is not None:
-        cv = tensor_val(a.cos)
+        cv = table_value(a.cos)
         ci = diff[0] - (va.dim() - cv.dim())
         if ci >= 0 and static_int(cv.shape[ci]) != 1:
             return False

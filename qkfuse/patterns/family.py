@@ -37,6 +37,38 @@ class Refused(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class ComplexPart:
+    """A cos/sin table that is no node of the graph: the real (part 0) or imaginary (part 1) part of
+    the complex node `of` (complex RoPE's frequencies), ``view_as_real(of)[..., part]``, a float32
+    view with last-dim stride 2. Plain data: the pass inserts that view for the fused call."""
+    of: Node
+    part: int
+
+
+Table = Node | ComplexPart
+
+
+def table_node(t) -> Node | None:
+    """The graph node a cos/sin table reads."""
+    return t.of if isinstance(t, ComplexPart) else t if isinstance(t, Node) else None
+
+
+def table_value(t) -> torch.Tensor | None:
+    """A cos/sin table's (meta) value."""
+    if isinstance(t, ComplexPart):
+        v = tensor_val(t.of)
+        if v is None or not v.is_complex():
+            return None
+        return torch.view_as_real(v).select(-1, t.part)  # (select: indexing needs a device guard)
+    return tensor_val(t)
+
+
+def table_identity(t):
+    """canon.data_identity of a table: equal for tables holding the same values in the same layout."""
+    return (canon.data_identity(t.of), t.part) if isinstance(t, ComplexPart) else canon.data_identity(t)
+
+
+@dataclasses.dataclass(frozen=True)
 class MatchContext:
     families: frozenset[str]  # the enabled families
 
@@ -61,8 +93,8 @@ class Site:
     perm: list[int]  # x[.unflatten(-1, split)].permute(perm) is the op input (RoPE layout)
     weight: Node | None
     eps: float | Node
-    cos: Node | None
-    sin: Node | None
+    cos: Table | None
+    sin: Table | None
     recipe: Recipe
     interior: list[Node]
     leaves: list[Node]
@@ -95,7 +127,8 @@ class Site:
 
     def input_nodes(self) -> list[Node]:
         params = [n for p in (self.weight, self.bias) for n in (p if isinstance(p, tuple) else (p,))]
-        nodes = [n for n in (self.x, *params, self.cos, self.sin, self.eps) if isinstance(n, Node)]
+        tables = (table_node(self.cos), table_node(self.sin))
+        nodes = [n for n in (self.x, *params, *tables, self.eps) if isinstance(n, Node)]
         return nodes + (self.cache.input_nodes() if self.cache is not None else [])
 
     def param_value(self, which: str):
@@ -115,6 +148,9 @@ class Site:
 
     def dead_after_replacement(self) -> list[Node]:
         nodes = [*self.interior, *self.leaves]
+        # a complex table's own view (k's unsqueeze of the shared freqs) is unread once the call
+        # reads q's: Inductor runs complex views as fallback calls, so it goes too
+        nodes += [t.of for t in (self.cos, self.sin) if isinstance(t, ComplexPart)]
         if self.cache is not None:
             nodes += self.cache.targets() + self.cache.views
             nodes += self.cache.v.interior if self.cache.v is not None else []
@@ -126,8 +162,8 @@ class Site:
         return (
             self.recipe,
             None if b is None else b.dtype,
-            canon.data_identity(self.cos),
-            canon.data_identity(self.sin),
+            table_identity(self.cos),
+            table_identity(self.sin),
             None if w is None else w.dtype,
             isinstance(self.eps, Node),
             dtype_of(self.x),

@@ -15,6 +15,11 @@ tables, the recipe's ``half_table``: Wan's ``freqs_cos[..., 0::2]`` / ``freqs_si
 written back by ``out = empty_like(x); out[..., 0::2] = ...; out[..., 1::2] = ...`` (post-grad:
 ``slice_scatter`` into an ``empty``) or ``cat`` / ``stack(..).flatten(-2)``;
 
+or the complex multiply (QwenImage, Lumina2, Z-Image, Llama4, DeepSeek-V2):
+``view_as_real(view_as_complex(x.float().reshape(..., D/2, 2)) * F).flatten(-2)``, F complex64:
+(a + ib)(c + id) = (ac - bd) + i(ad + bc) is the interleaved pair rotation with c, s = real(F),
+imag(F) (half-width tables, as data: ``ComplexPart``, since those views are no graph nodes);
+
 partial rotary ``cat([rope(x[..., :rd]), x[..., rd:]])``, wherever the cat is written (inside
 the RoPE function or at the call site: the graphs are the same), the split as slices,
 ``split``/``chunk``. Refused with the reason: DeepSeek's ``apply_rotary_pos_emb_interleave``
@@ -31,7 +36,7 @@ from torch.fx import Node
 
 from . import canon
 from .canon import aten, dtype_of, is_op, tensor_val
-from .family import Refused
+from .family import ComplexPart, Refused, Table, table_node, table_value
 
 
 @dataclasses.dataclass
@@ -45,8 +50,8 @@ class Rotation:
 class RopeMatch:
     anchor: Node  # the node whose uses the fused op replaces
     src: Node  # the tensor RoPE is applied to (norm output, maybe behind views)
-    cos: Node | None
-    sin: Node | None
+    cos: Table | None
+    sin: Table | None
     rotary_dim: int
     interleaved: bool
     rope_dtype: torch.dtype
@@ -280,15 +285,61 @@ def pair_rotation(n: Node) -> PairRotation | None:
     return None
 
 
+@dataclasses.dataclass
+class ComplexRotation:
+    """``view_as_real(view_as_complex(src.reshape(..., D/2, 2)) * freqs).flatten(-2)`` at `anchor`."""
+    anchor: Node
+    src: Node  # the real tensor whose pairs are the complex numbers
+    xc: Node  # view_as_complex(src ...)
+    freqs: Node
+    product: Node
+    nodes: list[Node]
+
+
+def complex_rotation(n: Node) -> ComplexRotation | None:
+    """The complex multiply read at its flatten n (any dtypes: match_rope checks them), else None."""
+    if not canon.merges_last_two_dims(n) or not is_op(n.args[0], aten.view_as_real):
+        return None
+    as_real = n.args[0]
+    product = as_real.args[0]
+    for xc, freqs in canon.both_orders(canon.binary(product, aten.mul)):
+        if is_op(xc, aten.view_as_complex) and isinstance(freqs, Node):
+            split = canon.last_dim_split_source(xc.args[0])
+            if split is not None and split[2] == 2:
+                return ComplexRotation(n, split[0], xc, freqs, product, [n, as_real, product, xc, xc.args[0]])
+    return None
+
+
+def _complex_rope(cr: ComplexRotation) -> RopeMatch:
+    """The RopeMatch of a complex rotation: interleaved, one (cos, sin) = (real, imag) of freqs per
+    pair, float32 products and sums (complex64), one rounding after; raises Refused."""
+    c64 = torch.complex64
+    for node, what in ((cr.xc, "x's pairs are"), (cr.freqs, "the frequencies are"), (cr.product, "the product is")):
+        if dtype_of(node) != c64:  # (complex128: float64 arithmetic, which the kernels do not do)
+            raise Refused(f"complex RoPE: {what} {str(dtype_of(node)).replace('torch.', '')}, not complex64 "
+                          "(the recipe reproduces float32 pairs times complex64 frequencies)")
+    xv, pv = tensor_val(cr.xc), tensor_val(cr.product)
+    if tensor_val(cr.freqs).dim() == 0:
+        raise Refused("complex RoPE: one frequency for every pair (a 0-d tensor), not a table per pair")
+    if pv.dim() != xv.dim() or not all(canon.same_int(a, b) for a, b in zip(xv.shape, pv.shape)):
+        raise Refused(f"complex RoPE: the multiply broadcasts x {tuple(xv.shape)} into {tuple(pv.shape)}")
+    y, widened, n = canon.upcast_source(cr.src), [], cr.src
+    while n is not y:  # (x.float() before the pairs are taken)
+        widened.append(n)
+        n = n.args[0]
+    return _finish(cr.anchor, y, ComplexPart(cr.freqs, 0), ComplexPart(cr.freqs, 1), True, torch.float32,
+                   torch.float32, [*cr.nodes, *widened], half_table=True)
+
+
 def is_candidate(n: Node) -> bool:
-    """An add of two products, one with a rotate_half-like operand, DeepSeek's de-interleaved RoPE, or an
-    explicit pair rotation."""
+    """An add of two products, one with a rotate_half-like operand, DeepSeek's de-interleaved RoPE, an
+    explicit pair rotation, or a complex multiply."""
     if canon.binary(n, aten.add) is not None:
         a, b = n.args[:2]
         if is_op(a, aten.mul) and is_op(b, aten.mul):
             ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
             return any(rotation(o) is not None or symbolic_rotation_source(o) is not None for o in ops)
-    return _deinterleaved_source(n) is not None or pair_rotation(n) is not None
+    return _deinterleaved_source(n) is not None or pair_rotation(n) is not None or complex_rotation(n) is not None
 
 
 def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
@@ -296,7 +347,7 @@ def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
     row views: the norm outputs that feed a RoPE (whether or not that RoPE is fused)."""
     out = set()
     for n in graph.nodes:
-        r = rotation(n) or pair_rotation(n)
+        r = rotation(n) or pair_rotation(n) or complex_rotation(n)
         src = r.src if r is not None else symbolic_rotation_source(n) or _deinterleaved_source(n)
         if src is None:
             continue
@@ -313,6 +364,9 @@ def match_rope(add: Node) -> RopeMatch:
     if _deinterleaved_source(add) is not None:
         raise Refused("DeepSeek's apply_rotary_pos_emb_interleave: its output is de-interleaved (each pair's "
                       "rotated values go to the two halves), a layout the kernels do not write")
+    cr = complex_rotation(add)
+    if cr is not None:
+        return _complex_rope(cr)
     pr = pair_rotation(add)
     if pr is not None:
         y, widened, n = canon.upcast_source(pr.src), [], pr.src
@@ -362,11 +416,11 @@ def _finish(anchor: Node, y: Node, cos, sin, interleaved: bool, rope_dtype, out_
     tables checked, one convert after it joined when that is the only rounding to the output dtype,
     a partial-rotary cat after it joined."""
     for t, name in ((cos, "cos"), (sin, "sin")):
-        if not isinstance(t, Node) or tensor_val(t) is None:
+        if table_node(t) is None or table_value(t) is None:
             raise Refused(f"{name} is not a tensor")
-        if canon.depends_on(t, y):
+        if canon.depends_on(table_node(t), y):
             raise Refused(f"{name} depends on the rotated tensor")
-    rot_v, cos_v, sin_v = tensor_val(y), tensor_val(cos), tensor_val(sin)
+    rot_v, cos_v, sin_v = tensor_val(y), table_value(cos), table_value(sin)
     rd = canon.static_int(rot_v.shape[-1])
     width = rd // 2 if half_table and rd else rd  # (a half table: one entry per pair)
     for v, name in ((cos_v, "cos"), (sin_v, "sin")):
