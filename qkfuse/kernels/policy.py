@@ -26,7 +26,8 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
-HALF_TABLE_UNMEASURED = ("RoPE with one cos/sin entry per pair (half_table: Wan, SkyReels-V2, Wan-Animate): the "
+HALF_TABLE_UNMEASURED = ("RoPE with one cos/sin entry per pair (half_table: Wan and SkyReels-V2's pair rotation, "
+                         "QwenImage's complex multiply): the "
                          "Triton kernel's mode for it is not yet measured against Inductor on a GPU")
 
 
