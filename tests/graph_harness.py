@@ -18,6 +18,7 @@ from torch._inductor.fx_passes.post_grad import view_to_reshape
 
 from qkfuse.options import Options
 from qkfuse.passes import fuse
+from tests.conftest import UNIT_ROUNDOFF
 
 
 @dataclasses.dataclass
@@ -116,6 +117,33 @@ class CudaPassRun:
     def kernel_calls(self) -> list[torch.fx.Node]:
         return [n for n in self.rewritten.graph.nodes
                 if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+
+
+def graph_tolerance(dtype: torch.dtype) -> float:
+    """How far a rewritten graph may be from the unfused one, at the tensor's scale: float32 1e-6
+    (the sum of squares in another order), 16-bit two units of its rounding (a flipped tie; RoPE's
+    sum carries two)."""
+    return 1e-6 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype]
+
+
+def assert_equal_to_graph(run: PassRun, dtype: torch.dtype, context=None) -> None:
+    """The rewritten graph's outputs equal the unfused graph's within graph_tolerance(dtype)."""
+    tol = graph_tolerance(dtype)
+    for out, ref in zip(run.out, run.ref):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, context
+        assert scale_error(out, ref) <= tol, (context, scale_error(out, ref))
+
+
+def assert_left_alone(run: PassRun, reason: str | None) -> None:
+    """Nothing fused; every candidate refused with `reason` (None: no candidate at all); the outputs
+    the unfused graph's, exactly."""
+    assert run.fused == [], run.records
+    if reason is None:
+        assert run.records == [], run.records
+    else:
+        assert run.records and all(reason in r.reason for r in run.records), run.records
+    for out, ref in zip(run.out, run.ref):
+        assert scale_error(out, ref) == 0.0
 
 
 def _as_fake_cuda(gm: torch.fx.GraphModule):

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 
 from qkfuse.kernels.policy import HALF_TABLE_UNMEASURED
 from qkfuse.options import Options
-from tests.conftest import UNIT_ROUNDOFF
-from tests.graph_harness import run_pass, run_pass_as_cuda, scale_error
+from tests.graph_harness import (assert_equal_to_graph, assert_left_alone, graph_tolerance, run_pass, run_pass_as_cuda,
+                                 scale_error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +144,8 @@ def test_complex_rope_fuses_as_one_call_equal_to_the_graph(f, dynamic, seed):
                 and n.target not in (torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor,
                                      torch.ops.aten.reshape.default)]
 
-    tol = 1e-6 if f.dtype == torch.float32 else 2 * UNIT_ROUNDOFF[f.dtype]
-    for out, ref in zip(run.out, run.ref):
-        assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert scale_error(out, ref) <= tol, (f, scale_error(out, ref))
+    tol = graph_tolerance(f.dtype)
+    assert_equal_to_graph(run, f.dtype, f)
     with torch.no_grad():
         ref64 = QwenQK(f, seed).double()(*[t.to(torch.complex128 if t.is_complex() else torch.float64)
                                            for t in args])
@@ -206,13 +204,7 @@ def _left_alone(rope_fn, reason: str | None, freqs=None, families=("norm_rope", 
                      for x, norm in ((q, block.norm_q), (k, block.norm_k)))
 
     run = run_pass(fn, q, k, fr, options=Options(families=families))
-    assert run.fused == [], run.records
-    if reason is None:
-        assert run.records == [], run.records
-    else:
-        assert run.records and all(reason in r.reason for r in run.records), run.records
-    for out, ref in zip(run.out, run.ref):
-        assert scale_error(out, ref) == 0.0
+    assert_left_alone(run, reason)
 
 
 def _qwen_rope(x, fr):

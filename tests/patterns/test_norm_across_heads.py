@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkfuse.options import Options
-from tests.conftest import UNIT_ROUNDOFF
-from tests.graph_harness import run_pass, run_pass_as_cuda, scale_error
+from tests.graph_harness import assert_equal_to_graph, graph_tolerance, run_pass, run_pass_as_cuda, scale_error
 from tests.patterns.test_norm_rope_equivalence import QKBlock, Spec
 
 LAYOUTS = ["transposed", "bshd", "packed"]
@@ -83,10 +82,8 @@ def test_across_heads_site_is_one_call_equal_to_the_graph(body, layout, hk, rati
     assert all("across heads" in r.recipe for r in run.records), run.records
     assert run.count("qkfuse.qk_norm_rope") == 1 and run.count("aten.rsqrt") == 0
 
-    tol = 1e-6 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype]
-    for out, ref in zip(run.out, run.ref):
-        assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert scale_error(out, ref) <= tol, scale_error(out, ref)
+    tol = graph_tolerance(dtype)
+    assert_equal_to_graph(run, dtype)
     with torch.no_grad():
         block64 = AcrossHeads(spec_of(body, hk, ratio, D, spec.rd, torch.float64, rotate, weight_first),
                               layout, seed)

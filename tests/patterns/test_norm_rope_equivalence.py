@@ -21,8 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import UNIT_ROUNDOFF
-from tests.graph_harness import run_pass, scale_error
+from tests.graph_harness import assert_equal_to_graph, graph_tolerance, run_pass, scale_error
 
 # The Done-means bar is at least 200 pass-level examples in the CI profile (40 examples: 220);
 # dev (400) gets 2000. Read from the loaded profile, so --hypothesis-profile=dev counts too.
@@ -183,10 +182,8 @@ def test_rewritten_graph_equals_original(spec, seed):
     assert run.count("aten.rsqrt") == 0 and run.count("aten.cat") == 0
 
     # equal to the unfused graph of the same dtype
-    tol = 1e-6 if spec.dtype == torch.float32 else 2 * UNIT_ROUNDOFF[spec.dtype]
-    for out, ref in zip(run.out, run.ref):
-        assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert scale_error(out, ref) <= tol, (spec, scale_error(out, ref))
+    tol = graph_tolerance(spec.dtype)
+    assert_equal_to_graph(run, spec.dtype, spec)
 
     # no further from float64 than the unfused graph (same rounding steps)
     with torch.no_grad():

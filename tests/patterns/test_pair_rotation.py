@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 from qkfuse.kernels.policy import HALF_TABLE_UNMEASURED
 from qkfuse.options import Options
-from tests.conftest import UNIT_ROUNDOFF
-from tests.graph_harness import run_pass, run_pass_as_cuda, scale_error
+from tests.graph_harness import (assert_equal_to_graph, assert_left_alone, graph_tolerance, run_pass, run_pass_as_cuda,
+                                 scale_error)
 
 ASSEMBLIES = ["setitem_pairs", "setitem_halves", "stack", "cat"]
 
@@ -153,10 +153,8 @@ def test_pair_rotation_fuses_as_one_call_equal_to_the_graph(f, dynamic, seed):
     assert run.count("qkfuse.qk_norm_rope") == 1
     assert run.count("aten.rsqrt") == 0 and run.count("aten.slice_scatter") == 0
 
-    tol = 1e-6 if f.dtype == torch.float32 else 2 * UNIT_ROUNDOFF[f.dtype]
-    for out, ref in zip(run.out, run.ref):
-        assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert scale_error(out, ref) <= tol, (f, scale_error(out, ref))
+    tol = graph_tolerance(f.dtype)
+    assert_equal_to_graph(run, f.dtype, f)
     with torch.no_grad():
         block64 = WanQK(f, seed).double()
         ref64 = block64(*[t.double() for t in args])
@@ -196,13 +194,7 @@ def _left_alone(rope_fn, reason: str | None = None):
         return tuple(out)
 
     run = run_pass(fn, *make_inputs(f, 2))
-    assert run.fused == [], run.records
-    if reason is None:
-        assert run.records == [], run.records
-    else:
-        assert run.records and all(reason in r.reason for r in run.records), run.records
-    for out, ref in zip(run.out, run.ref):
-        assert scale_error(out, ref) == 0.0
+    assert_left_alone(run, reason)
 
 
 def _setitem(first_fn, second_fn):

@@ -23,8 +23,7 @@ from torch._dynamo.utils import counters
 
 from qkfuse.options import Options
 from qkfuse.passes.records import collect
-from tests.conftest import UNIT_ROUNDOFF
-from tests.graph_harness import run_pass, scale_error
+from tests.graph_harness import assert_equal_to_graph, assert_left_alone, run_pass
 from tests.patterns.test_norm_rope_negative import llama_norm
 
 ROTATIONS = ["neox_slice", "neox_chunk", "neox_split", "neox_unbind", "interleaved_slice", "interleaved_unbind"]
@@ -152,10 +151,7 @@ def test_spelling_fuses_as_one_call_equal_to_the_graph(f, seed):
     recipe = f"{'interleaved' if f.interleaved else 'neox'} rope[{f.rd}]"
     assert all(recipe in r.recipe for r in run.records), run.records
     assert run.count("qkfuse.qk_norm_rope") == 1 and counters["qkfuse"][f"{family}_calls"] == 1
-    tol = 1e-6 if f.dtype == torch.float32 else 2 * UNIT_ROUNDOFF[f.dtype]
-    for out, ref in zip(run.out, run.ref):
-        assert out.shape == ref.shape and out.dtype == ref.dtype
-        assert scale_error(out, ref) <= tol, (f, scale_error(out, ref))
+    assert_equal_to_graph(run, f.dtype, f)
 
 
 # ---- refused or not a candidate -----------------------------------------------------------------
@@ -172,13 +168,10 @@ def _qk(seed=0):
 def _check_left_alone(fn, reason: str | None, families=("norm_rope", "rope")):
     """Nothing fused; every candidate refused with `reason` (None: no candidate at all); exact."""
     run = run_pass(fn, *_qk(), options=Options(families=families))
-    assert run.fused == [] and run.count("qkfuse") == 0
-    if reason is None:
-        assert run.records == []
-    else:
+    assert_left_alone(run, reason)
+    assert run.count("qkfuse") == 0
+    if reason is not None:
         assert len(run.refused) == 2 and all(reason in r.reason for r in run.refused), run.records
-    for out, ref in zip(run.out, run.ref):
-        assert scale_error(out, ref) == 0.0
     return run
 
 
