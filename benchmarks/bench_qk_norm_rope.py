@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import qkfuse  # noqa: E402
+# diffusers Wan's apply_rotary_emb, transcribed once (it is local to WanAttnProcessor: not importable)
+from tests.kernels.test_reference import wan_apply_rotary_emb  # noqa: E402
 
 DEV = "cuda"
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -125,17 +127,6 @@ def persimmon_layernorm(q, k, qw, kw, qb, kb, cos, sin):
 WAN_HEAD_DIM = 128
 
 
-def wan_rope(hidden_states, freqs_cos, freqs_sin):
-    """diffusers transformer_wan.py's apply_rotary_emb (SkyReels-V2 and Wan-Animate have the same)."""
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
-
-
 def wan_across(q, k, qw, kw, freqs_cos, freqs_sin):
     """diffusers Wan self-attention: torch.nn.RMSNorm over all heads of the flat [B,S,H*D]
     projection, unflatten to heads, RoPE per pair with float32 freqs [1,S,1,D] (the recipe's
@@ -143,7 +134,7 @@ def wan_across(q, k, qw, kw, freqs_cos, freqs_sin):
     out = []
     for x, w in ((q, qw), (k, kw)):
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6).unflatten(2, (-1, WAN_HEAD_DIM))
-        out.append(wan_rope(x, freqs_cos, freqs_sin))
+        out.append(wan_apply_rotary_emb(x, freqs_cos, freqs_sin))
     return tuple(out)
 
 
