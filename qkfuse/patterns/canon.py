@@ -245,27 +245,31 @@ class LastDimSlice:
     step: int
 
 
+def _last_dim_bounds(src, dim, start, end, step) -> tuple[int, int, int] | None:
+    """(start, stop, step) of ``src[..., start:end:step]`` along the last dim, bounds clamped."""
+    nd = ndim_of(src)
+    if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) != nd - 1:
+        return None
+    size = static_int(tensor_val(src).shape[-1])
+    start = 0 if start is None else static_int(start)
+    end = size if end is None else static_int(end)
+    step = static_int(step)
+    if size is None or start is None or end is None or step is None:
+        return None
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, start), min(end, size), step
+
+
 def last_dim_slice(n) -> LastDimSlice | None:
     """Read slice/split/chunk/unbind spellings of ``src[..., start:stop:step]``."""
     if is_op(n, aten.slice):
         src = n.args[0]
-        nd = ndim_of(src)
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start", None)
         end = n.args[3] if len(n.args) > 3 else n.kwargs.get("end", None)
         step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
-        if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) != nd - 1:
-            return None
-        size = static_int(tensor_val(src).shape[-1])
-        start = 0 if start is None else static_int(start)
-        end = size if end is None else static_int(end)
-        if size is None or start is None or end is None or static_int(step) is None:
-            return None
-        if start < 0:
-            start += size
-        if end < 0:
-            end += size
-        return LastDimSlice(src, max(0, start), min(end, size), int(step))
+        bounds = _last_dim_bounds(src, dim, start, end, step)
+        return None if bounds is None else LastDimSlice(src, *bounds)
     if n is not None and isinstance(n, Node) and n.op == "call_function" and n.target is operator.getitem:
         parent, idx = n.args
         if is_op(parent, aten.split, aten.split_with_sizes):
@@ -301,21 +305,6 @@ def last_dim_slice(n) -> LastDimSlice | None:
             if norm_dim(dim, nd) == nd - 2 and rows == 2:  # x.reshape(..., 2, D/2).unbind(-2)[i]: a half
                 return LastDimSlice(x, idx * width, (idx + 1) * width, 1)
     return None
-
-
-def _last_dim_bounds(src, dim, start, end, step) -> tuple[int, int, int] | None:
-    """(start, stop, step) of ``src[..., start:end:step]`` along the last dim, bounds clamped."""
-    nd = ndim_of(src)
-    if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) != nd - 1:
-        return None
-    size = static_int(tensor_val(src).shape[-1])
-    start = 0 if start is None else static_int(start)
-    end = size if end is None else static_int(end)
-    step = static_int(step)
-    if size is None or start is None or end is None or step is None:
-        return None
-    start, end = (v + size if v < 0 else v for v in (start, end))
-    return max(0, start), min(end, size), step
 
 
 @dataclasses.dataclass(frozen=True)
