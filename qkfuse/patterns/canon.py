@@ -161,14 +161,21 @@ def strip_converts(n) -> tuple[Node, list[Node]]:
     return n, convs
 
 
-def upcast_source(n) -> Node:
-    """The node n is an exact copy of: through widening converts and clones."""
+def upcast_chain(n) -> tuple[Node, list[Node]]:
+    """(the node n is an exact copy of, through widening converts and clones; those nodes from n in)."""
+    chain = []
     while is_copy(n):
         src = n.args[0]
         if not is_widening(dtype_of(src), dtype_of(n)):
             break
+        chain.append(n)
         n = src
-    return n
+    return n, chain
+
+
+def upcast_source(n) -> Node:
+    """The node n is an exact copy of: through widening converts and clones."""
+    return upcast_chain(n)[0]
 
 
 _WIDTH = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}

@@ -160,14 +160,10 @@ def _widened_part(op) -> tuple[canon.LastDimSlice, list[Node]] | None:
     """(the slice, its nodes from op down) of ``op`` = a last-dim slice behind widening converts."""
     if not isinstance(op, Node):
         return None
-    src = canon.upcast_source(op)
+    src, nodes = canon.upcast_chain(op)
     sl = canon.last_dim_slice(src)
     if sl is None:
         return None
-    nodes, n = [], op
-    while n is not src:
-        nodes.append(n)
-        n = n.args[0]
     return sl, nodes + _slice_nodes(src)
 
 
@@ -197,11 +193,7 @@ def _product_of(p, part: Node, table: Node) -> list[Node] | None:
     for x, t in canon.both_orders(canon.binary(p, aten.mul)):
         if isinstance(x, Node) and isinstance(t, Node) and canon.upcast_source(x) is canon.upcast_source(part) \
                 and canon.data_identity(t) == canon.data_identity(table):
-            nodes, n = [p], x
-            while n is not canon.upcast_source(part):
-                nodes.append(n)
-                n = n.args[0]
-            return nodes
+            return [p, *canon.upcast_chain(x)[1]]
     return None
 
 
@@ -323,10 +315,7 @@ def _complex_rope(cr: ComplexRotation) -> RopeMatch:
         raise Refused("complex RoPE: one frequency for every pair (a 0-d tensor), not a table per pair")
     if pv.dim() != xv.dim() or not all(canon.same_int(a, b) for a, b in zip(xv.shape, pv.shape)):
         raise Refused(f"complex RoPE: the multiply broadcasts x {tuple(xv.shape)} into {tuple(pv.shape)}")
-    y, widened, n = canon.upcast_source(cr.src), [], cr.src
-    while n is not y:  # (x.float() before the pairs are taken)
-        widened.append(n)
-        n = n.args[0]
+    y, widened = canon.upcast_chain(cr.src)  # (x.float() before the pairs are taken)
     return _finish(cr.anchor, y, ComplexPart(cr.freqs, 0), ComplexPart(cr.freqs, 1), True, torch.float32,
                    torch.float32, [*cr.nodes, *widened], half_table=True)
 
@@ -369,10 +358,7 @@ def match_rope(add: Node) -> RopeMatch:
         return _complex_rope(cr)
     pr = pair_rotation(add)
     if pr is not None:
-        y, widened, n = canon.upcast_source(pr.src), [], pr.src
-        while n is not y:  # (x.float() before the pairs are taken)
-            widened.append(n)
-            n = n.args[0]
+        y, widened = canon.upcast_chain(pr.src)  # (x.float() before the pairs are taken)
         interior = [*dict.fromkeys([*pr.nodes, *widened])]
         return _finish(pr.anchor, y, pr.cos, pr.sin, pr.interleaved, pr.rope_dtype, pr.out_dtype, interior,
                        half_table=True, convert_joins=pr.exact_out)
