@@ -8,6 +8,7 @@ copies the generated wrapper's kernel-launch lines to $OUT.
     python benchmarks/diag_aoti_cuda.py
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,21 +38,31 @@ def none_to_dummy(kernel):
     return Dummy()
 
 
-def variant(name, dynamic, with_pass, dummy=False):
+def native_backtrace(cmd, env, cwd):
+    """The loader re-run under gdb (when the machine has it): the C++ frames faulthandler cannot show."""
+    if not shutil.which("gdb"):
+        return "(no gdb on this machine)"
+    p = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", *cmd], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=cwd)
+    frames = [ln for ln in p.stdout.splitlines() if ln.startswith("#") or "SIGSEGV" in ln]
+    return "\n".join(frames[:32]) or p.stdout[-1500:]
+
+
+def variant(name, dynamic, with_pass, dummy=False, device="cuda"):
     tmp = tempfile.mkdtemp(prefix=name)
     torch.manual_seed(0)
-    m = Attention().eval().cuda()
+    m = Attention().eval().to(device)
     auto = torch.export.Dim.AUTO
     dims = {"h": {0: auto, 1: auto}, "cos": {0: auto, 1: auto}, "sin": {0: auto, 1: auto}} if dynamic else None
     torch.library.wrap_triton = none_to_dummy if dummy else REAL_WRAP
     try:
         with torch.no_grad():
-            example = tuple(t.cuda() for t in attn_inputs(2, 7))
+            example = tuple(t.to(device) for t in attn_inputs(2, 7))
             ep = torch.export.export(m, example, dynamic_shapes=dims)
             cfg = {"post_grad_custom_pre_pass": qkfuse.pass_()} if with_pass else {}
             pkg = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/p.pt2", inductor_configs=cfg)
             shapes = ((2, 7), (3, 12), (5, 33)) if dynamic else ((2, 7),)
-            cases = [(x, m(*(t.cuda() for t in x)).cpu()) for x in (attn_inputs(b, s, i) for i, (b, s) in enumerate(shapes))]
+            cases = [(x, m(*(t.to(device) for t in x)).cpu()) for x in (attn_inputs(b, s, i) for i, (b, s) in enumerate(shapes))]
     except Exception as e:  # noqa: BLE001
         print(f"[{name}] compile failed: {type(e).__name__}: {str(e)[:800]}", flush=True)
         return
@@ -69,14 +80,16 @@ def variant(name, dynamic, with_pass, dummy=False):
     if not with_pass:  # does importing qkfuse in the loading process matter?
         loaders[" (no qkfuse import)"] = LOADER.replace("import qkfuse\n", "")
     for label, loader in loaders.items():
-        p = subprocess.run([sys.executable, "-c", loader, pkg, f"{tmp}/io.pt", "cuda"], capture_output=True,
-                           text=True, timeout=300, env=env, cwd=tmp)
+        cmd = [sys.executable, "-c", loader, pkg, f"{tmp}/io.pt", device]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
         print(f"[{name}{label}] rc {p.returncode} stdout {p.stdout.strip()[-400:]!r}\n  stderr tail: "
               f"{p.stderr[-700:]}", flush=True)
+        if p.returncode < 0:
+            print(f"[{name}{label}] native backtrace:\n{native_backtrace(cmd, env, tmp)}", flush=True)
 
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["plain", "static", "auto", "auto-dummy"]
-    spec = {"plain": (True, False), "static": (False, True), "auto": (True, True), "auto-dummy": (True, True, True)}
+    spec = {"plain": (True, False), "plain-cpu": (True, False, False, "cpu"), "static": (False, True), "auto": (True, True), "auto-dummy": (True, True, True)}
     for n in which:
         variant(n, *spec[n])
