@@ -41,6 +41,7 @@ def qk_norm_rope(
     k_eps: float | None = None,
     rotary_dim: int | None = None,
     interleaved: bool = False,
+    half_table: bool = False,
     norm: str = "rms",
     weight_offset: float = 0.0,
     cast_before_weight: bool | None = None,
@@ -85,7 +86,8 @@ def qk_norm_rope(
         inserted before the last dim, as HF's ``unsqueeze_dim=2``) or with ``q``'s rank and
         broadcastable to ``q.shape[:-1] + (rotary_dim,)`` (e.g. HF's ``cos.unsqueeze(1)`` for the
         ``[B, H, S, D]`` form). HF layout: the frequency table duplicated for the two halves
-        (neox) or for each pair (``interleaved``). Leave out for a norm without RoPE, or use
+        (neox) or for each pair (``interleaved``); with ``half_table``, one entry per pair
+        (``[..., tokens, rotary_dim // 2]``). Leave out for a norm without RoPE, or use
         ``cos_sin_cache`` and ``positions``.
     eps : float
         RMSNorm epsilon of q (and of k, unless ``k_eps`` is given). Default ``1e-6`` (Qwen3).
@@ -94,10 +96,19 @@ def qk_norm_rope(
     rotary_dim : int, optional
         Number of leading elements of each head that are rotated (even, at most ``head_dim``; the
         rest passes through after the norm, as partial-rotary models do). Default: the last dim
-        of ``cos`` (or ``cos_sin_cache``), 0 without them.
+        of ``cos`` (twice it with ``half_table``; or of ``cos_sin_cache``), 0 without them.
     interleaved : bool
         Rotate pairs ``(x[2i], x[2i+1])`` (GPT-J / GLM style) instead of the halves
         ``(x[i], x[i + rotary_dim/2])`` (neox / ``rotate_half``). Default ``False``.
+    half_table : bool
+        ``cos``/``sin`` hold one entry per rotated pair: last dim ``rotary_dim // 2``, any stride
+        along it. Pair ``i`` (``(x[2i], x[2i+1])`` with ``interleaved``, else
+        ``(x[i], x[i + rotary_dim/2])``) uses ``cos[..., i]`` and ``sin[..., i]`` for both its
+        elements, as the full table repeating each entry for its pair would, without building it
+        (diffusers Wan / SkyReels-V2: ``freqs_cos[..., 0::2]`` and ``freqs_sin[..., 1::2]``, as
+        those views; a complex-multiply RoPE such as QwenImage's: the real and imaginary parts of
+        its frequencies, ``interleaved``). Not with ``cos_sin_cache`` (per pair already). Default
+        ``False``.
     norm : str
         ``"rms"`` (default), ``"layer"`` (LayerNorm, ``torch.nn.LayerNorm(head_dim)``: the mean
         subtracted, the biased variance, then weight and bias in float32 and one rounding) or
@@ -148,8 +159,9 @@ def qk_norm_rope(
         a recipe dtype outside float32/float16/bfloat16/float64, a non-number eps.
     ValueError
         Shapes that do not fit (``head_dim`` of a weight, cos/sin that do not broadcast to the
-        tokens, an odd or too large ``rotary_dim``, q/k ranks), tensors on different devices,
-        positions out of range. The message names the argument.
+        tokens or whose last dim is not ``rotary_dim`` (``rotary_dim // 2`` with ``half_table``),
+        an odd or too large ``rotary_dim``, q/k ranks), tensors on different devices, positions
+        out of range, ``half_table`` with ``cos_sin_cache``. The message names the argument.
 
     Notes
     -----
@@ -183,7 +195,7 @@ def qk_norm_rope(
     """
     return _call(q, k, q_weight, k_weight, cos, sin, eps, eps if k_eps is None else k_eps, rotary_dim,
                  interleaved, norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
-                 cos_sin_cache, positions, across_heads, q_bias, k_bias)
+                 cos_sin_cache, positions, across_heads, q_bias, k_bias, half_table)
 
 
 def norm_rope(
@@ -195,6 +207,7 @@ def norm_rope(
     eps: float = 1e-6,
     rotary_dim: int | None = None,
     interleaved: bool = False,
+    half_table: bool = False,
     norm: str = "rms",
     weight_offset: float = 0.0,
     cast_before_weight: bool | None = None,
@@ -215,7 +228,8 @@ def norm_rope(
     >>> q = qkfuse.norm_rope(q, attn.q_norm.weight, cos, sin, eps=1e-6)
     """
     return _call(x, None, weight, None, cos, sin, eps, eps, rotary_dim, interleaved, norm, weight_offset,
-                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads, bias)[0]
+                 cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads, bias, None,
+                 half_table)[0]
 
 
 def _with_heads_axis(t: Tensor, q: Tensor, name: str, rank_without: int, axis: int) -> Tensor:
@@ -239,11 +253,16 @@ def _number(v, name: str):
 
 
 def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-            rope_dtype, out_dtype, across_heads=False) -> Recipe:
+            rope_dtype, out_dtype, across_heads=False, half_table=False) -> Recipe:
     """The recipe of HF numerics for q's dtype, with the caller's overrides."""
     weight_offset = _number(weight_offset, "weight_offset")
+    if not isinstance(half_table, bool):
+        raise TypeError(f"qkfuse: half_table must be a bool, got {type(half_table).__name__}")
     if rotary_dim is None:
-        rotary_dim = tables[0].shape[-1] if tables else 0
+        rotary_dim = tables[0].shape[-1] * (2 if half_table else 1) if tables else 0
+        if half_table and rotary_dim > q.shape[-1]:  # most likely a full-width table: say so, not "rotary_dim"
+            raise ValueError(f"qkfuse: with half_table=True, cos/sin last dim must be rotary_dim // 2 (at most "
+                             f"head_dim // 2 = {q.shape[-1] // 2}), got {tuple(tables[0].shape)}")
     elif isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
         raise TypeError(f"qkfuse: rotary_dim must be an int, got {type(rotary_dim).__name__}")
     if cast_before_weight is None:
@@ -257,7 +276,8 @@ def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before
         raise TypeError(f"qkfuse: across_heads must be a bool, got {type(across_heads).__name__}")
     return Recipe(norm, weight_offset, bool(cast_before_weight), norm_dtype, rope_dtype,
                   q.dtype if out_dtype is None else out_dtype, int(rotary_dim), bool(interleaved),
-                  -2 if across_heads else 0)  # the heads are q's dim -2
+                  -2 if across_heads else 0,  # the heads are q's dim -2
+                  half_table=half_table)
 
 
 def _direct_kernel(q: Tensor) -> bool:
@@ -272,7 +292,7 @@ def _direct_kernel(q: Tensor) -> bool:
 
 def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interleaved, norm, weight_offset,
           cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions, across_heads=False,
-          q_bias=None, k_bias=None):
+          q_bias=None, k_bias=None, half_table=False):
     # Argument checks that decide the defaults come first, so a bad q or cos is named as such
     # rather than as the recipe dtype derived from it; the op's own checks do the rest.
     check_tensor(q, "q", None)
@@ -284,6 +304,9 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
     if cache is not None:
         if cos is not None or sin is not None:
             raise ValueError("qkfuse: give cos/sin or cos_sin_cache/positions, not both")
+        if half_table is True:  # (a non-bool is _recipe's TypeError)
+            raise ValueError("qkfuse: half_table=True is for cos/sin tables; cos_sin_cache already holds one "
+                             "cos and one sin per pair (leave half_table out)")
         check_tensor(cache, "cos_sin_cache", q.device)
         check_tensor(positions, "positions", q.device, (torch.int32, torch.int64))
         positions = _with_heads_axis(positions, q, "positions", q.dim() - 2, -1)
@@ -295,8 +318,10 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
         cos = None if cos is None else _with_heads_axis(cos, q, "cos", q.dim() - 1, -2)
         sin = None if sin is None else _with_heads_axis(sin, q, "sin", q.dim() - 1, -2)
         tables = [t for t in (cos, sin) if t is not None]
+    if half_table is True and not tables:  # else check_recipe's "rotary_dim=0", which hides the cause
+        raise ValueError("qkfuse: half_table=True needs cos and sin")
     recipe = _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-                     rope_dtype, out_dtype, across_heads)
+                     rope_dtype, out_dtype, across_heads, half_table)
 
     biases = (q_bias, k_bias)
     if (q_bias is None) != (k_bias is None) and k is not None:
@@ -329,6 +354,7 @@ def _direct_call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, cache
     table = cos if cache is None else cache  # what the kernel reads the rotation from
     # the kernel's tensors, in its plan's order (with a cos/sin cache: the cache, no sin)
     tensors = (q, k, q_weight, k_weight, table, sin, positions, *biases)
+    # the whole recipe (half_table included: a half and a full table of one shape are other calls)
     key = (recipe, cache is None, tk.aliases(tensors), *map(tensor_key, tensors))
     entry = _CHECKED.get(key)
     if entry is None:

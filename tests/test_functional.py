@@ -300,6 +300,94 @@ def test_special_values_and_empty():
     assert qo.shape == e.shape and ko.shape == (2, 0, 2, 64)
 
 
+# ---- half tables (one cos/sin entry per rotated pair) ---------------------------------------------
+
+
+def full_table(t, interleaved):
+    """The HF-layout table a half table stands for: each pair's entry repeated for both its elements."""
+    return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
+
+
+def norm_half_rope_f64(x, w, cos, sin, eps, interleaved):
+    """Qwen3RMSNorm then RoPE from half tables [B, S, rd // 2], all in float64 (no rounding)."""
+    xd = x.double()
+    y = w.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps))
+    c, s = (full_table(t.double(), interleaved).unsqueeze(2) for t in (cos, sin))
+    rot = rotate_every_two if interleaved else rotate_half
+    rd = c.shape[-1]
+    return torch.cat((y[..., :rd] * c + rot(y[..., :rd]) * s, y[..., rd:]), dim=-1)
+
+
+def half_inputs(dtype, rd, strided, seed):
+    """q/k [B, S, H, D], weights, and half tables [B, S, rd // 2] of random angles (``strided``: the
+    every-other-entry views of wider tables, as Wan's freqs_cos[..., 0::2] / freqs_sin[..., 1::2])."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 64
+    q, k = ((3 * torch.randn(B, S, h, D, generator=g)).to(dtype) for h in (Hq, Hk))
+    qw, kw = (1 + 0.3 * torch.randn(2, D, generator=g)).to(dtype)
+    ang = torch.rand(B, S, rd if strided else rd // 2, generator=g) * 6.3
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    if strided:
+        cos, sin = cos[..., 0::2], sin[..., 1::2]
+        assert cos.stride(-1) == 2
+    return q, k, qw, kw, cos, sin
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("rd", [64, 32], ids=["full_rotary", "partial_rotary"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_half_table_is_the_float64_rope(dtype, interleaved, rd, strided):
+    """half_table=True: cos/sin [B, S, rotary_dim // 2] give the float64 transcription (the table
+    expanded per pair, then the standard RoPE) within the dtype, and exactly what the expanded
+    full table gives (rotary_dim defaults to twice the table's width)."""
+    q, k, qw, kw, cos, sin = half_inputs(dtype, rd, strided, seed=12 + rd + strided)
+    outs = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, interleaved=interleaved, half_table=True)
+    for out, x, w in zip(outs, (q, k), (qw, kw)):
+        assert out.shape == x.shape and out.dtype == dtype
+        # 16-bit: the recipe rounds the norm, the weight's product, RoPE's two products and their sum
+        assert_close_to_eager(out, norm_half_rope_f64(x, w, cos, sin, 1e-6, interleaved).to(dtype), units=4)
+    full = qkfuse.qk_norm_rope(q, k, qw, kw, full_table(cos, interleaved), full_table(sin, interleaved),
+                               interleaved=interleaved)
+    assert all(torch.equal(o, f) for o, f in zip(outs, full))
+    explicit = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, rotary_dim=rd, interleaved=interleaved, half_table=True)
+    assert all(torch.equal(o, e) for o, e in zip(outs, explicit))
+    one = qkfuse.norm_rope(k, kw, cos, sin, interleaved=interleaved, half_table=True)
+    assert torch.equal(one, outs[1])
+
+
+def test_half_table_under_compile():
+    """The fake impl accepts half tables (fullgraph, through AOT autograd), with the eager result."""
+    q, k, qw, kw, cos, sin = half_inputs(BF16, 32, True, seed=13)
+
+    def fn(q, k, cos, sin):
+        return qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, interleaved=True, half_table=True)
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, cos, sin)
+    assert all(torch.equal(o, r) for o, r in zip(out, fn(q, k, cos, sin)))
+
+
+def test_half_table_errors():
+    q, k, qw, kw, cos, sin = half_inputs(F32, 32, False, seed=14)  # cos/sin [B, S, 16]
+    wide = full_table(cos, False)  # [B, S, 32]
+    with pytest.raises(ValueError, match=r"cos last dim must equal rotary_dim // 2=16 \(half_table\)"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, wide, wide, rotary_dim=32, half_table=True)
+    with pytest.raises(ValueError, match=r"sin last dim must equal rotary_dim // 2=16 \(half_table\)"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin[..., :8], half_table=True)
+    with pytest.raises(ValueError, match=r"cos last dim must equal rotary_dim=32,"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, rotary_dim=32)  # a half table without half_table
+    big = torch.rand(2, 5, 64)  # a full-width table passed as a half one: 2 * 64 rotated > head_dim
+    with pytest.raises(ValueError, match=r"half_table=True, cos/sin last dim must be rotary_dim // 2"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, big, big, half_table=True)
+    with pytest.raises(ValueError, match=r"half_table=True needs cos and sin"):
+        qkfuse.norm_rope(q, qw, half_table=True)
+    cache, positions = torch.rand(8, 32), torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"half_table=True is for cos/sin tables; cos_sin_cache"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=positions, half_table=True)
+    with pytest.raises(TypeError, match="half_table must be a bool"):
+        qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, half_table=1)
+
+
 # ---- dispatch -----------------------------------------------------------------------------------
 
 
@@ -331,6 +419,30 @@ def test_autograd_falls_back_to_the_differentiable_reference():
     with torch.no_grad():  # no grad mode: the op, and no graph
         qo, _ = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin)
     assert not qo.requires_grad
+
+
+def test_direct_path_memo_keys_on_half_table(monkeypatch):
+    """The eager kernel path (forced onto CPU, the reference computing) memoises its checks per
+    recipe and layout: the same tensors with and without half_table are separate entries, so a
+    call whose tables do not fit is refused after one that fit, and each result is its own."""
+    pytest.importorskip("triton")  # the direct path reads aliasing with the Triton module's helper
+    q, k, qw, kw, cos, sin = half_inputs(F32, 32, True, seed=15)
+    half = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, half_table=True)  # the op, for comparison
+    partial = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin)  # the same tables as full ones, rotary_dim 16
+    monkeypatch.setattr(functional, "_direct_kernel", lambda q: True)
+    monkeypatch.setattr(functional, "kernel_computes", lambda *a, **kw: False)
+    monkeypatch.setattr(functional, "_CHECKED", {})
+    with torch.no_grad():
+        for _ in range(2):
+            out = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, rotary_dim=32, half_table=True)
+            assert all(torch.equal(o, r) for o, r in zip(out, half))
+        assert len(functional._CHECKED) == 1
+        with pytest.raises(ValueError, match=r"cos last dim must equal rotary_dim=32"):
+            qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, rotary_dim=32)
+        out = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin)
+        assert all(torch.equal(o, r) for o, r in zip(out, partial))
+        assert not torch.equal(out[0], half[0])
+    assert len(functional._CHECKED) == 2
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
