@@ -11,7 +11,9 @@
   across heads (OLMo2) is fused too: its grid beat Inductor at every measured shape on the H200
   (1.05x-1.36x device time, benchmarks/results/2026-12-02-h200-across.md); so is a LayerNorm q/k
   norm (Persimmon, Phi: 2.0x-3.1x device time at 64 to 32k tokens,
-  benchmarks/results/2026-12-02-h200-layer.md). Held: half_table RoPE (Wan), not yet measured.
+  benchmarks/results/2026-12-02-h200-layer.md); so is half_table RoPE (Wan's pair rotation,
+  QwenImage's complex multiply: 1.96x-2.88x device time at Wan2.1's shapes, 4k and 32k tokens,
+  benchmarks/results/2026-12-02-h200-wan.md).
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
-HALF_TABLE_UNMEASURED = ("RoPE with one cos/sin entry per pair (half_table: Wan and SkyReels-V2's pair rotation, "
-                         "QwenImage's complex multiply): the "
-                         "Triton kernel's mode for it is not yet measured against Inductor on a GPU")
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,11 +82,6 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    if recipe.half_table and preference == "auto":
-        # Fuse only where it is measured to win: this mode has no GPU benchmark against Inductor yet
-        # (bench_qk_norm_rope.py --shapes wan)
-        return None, (f"{HALF_TABLE_UNMEASURED}; site left to Inductor "
-                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 
