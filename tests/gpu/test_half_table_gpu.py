@@ -56,3 +56,22 @@ def test_half_table_fuses_under_auto_and_matches(case):
         fused_err = float((f.float().cpu() - r).abs().max())
         # bfloat16: the eager module rounds at each step; the fused kernel once, in float32
         assert fused_err <= max(eager_err, 2 ** -7 * float(r.abs().max())), (case, fused_err, eager_err)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("rd", [64, 32], ids=["full_rotary", "partial_rotary"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+def test_functional_half_table_is_one_launch_and_the_float64_rope(interleaved, rd, strided):
+    """qkfuse.qk_norm_rope(..., half_table=True) in eager CUDA code: one launch of the Triton kernel
+    (the tables read at their stride, no copy), the float64 transcription within bfloat16's units."""
+    from tests.gpu.test_functional_gpu import KERNEL_UNITS, kernel_launches
+    from tests.test_functional import assert_close_to_eager, half_inputs, norm_half_rope_f64
+
+    q, k, qw, kw, cos, sin = (t.cuda() for t in half_inputs(torch.bfloat16, rd, strided, seed=40 + rd + strided))
+    with kernel_launches() as grids:
+        outs = qkfuse.qk_norm_rope(q, k, qw, kw, cos, sin, interleaved=interleaved, half_table=True)
+        torch.cuda.synchronize()
+    assert len(grids) == 1, grids
+    for out, x, w in zip(outs, (q, k), (qw, kw)):
+        ref = norm_half_rope_f64(x.cpu(), w.cpu(), cos.cpu(), sin.cpu(), 1e-6, interleaved).to(torch.bfloat16)
+        assert_close_to_eager(out.cpu(), ref, units=KERNEL_UNITS)
