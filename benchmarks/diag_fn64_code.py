@@ -48,7 +48,9 @@ def main():
         with open(f"{OUT}/fn64-{backend}.py", "w") as f:
             f.write("\n\n# ----\n\n".join(code))
         launches = sum(src.count(".run(") for src in code)
-        print(f"{backend}: {launches} '.run(' launches in the generated code", flush=True)
+        ours = sum(src.count("qk_norm_rope_kernel") for src in code)
+        print(f"{backend}: {launches} '.run(' launches in the generated code, qk_norm_rope_kernel named {ours} times; "
+              f"counters {dict(torch._dynamo.utils.counters['qkfuse'])}", flush=True)
         compiled[backend] = c
     for c in compiled.values():  # both backends' entries live in the one code object's cache
         c(*args)
@@ -78,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with torch.no_grad():  # as bench_models.py times it; with grad the pass refuses every site (saved for backward)
+        main()
