@@ -742,9 +742,9 @@ def launch(
     With ``cache``, the last of q/k is stored into the cache (see CacheTarget) and its output is
     None. ``out_strides`` = (q's, k's or None): the output layouts to allocate instead of
     recipe.new_output's (in a compiled graph: the strides its consumers were planned with).
-    ``bases`` = {"q"/"k"/"v": tensor}: what to pass as that input's pointer, a tensor with the same
-    data pointer (q before its transpose): Inductor then passes its buffer as is, without building
-    the view on the host for every call.
+    ``bases`` = {"q"/"k"/"v"/"cos"/"sin": tensor}: what to pass as that input's pointer, a tensor
+    with the same data pointer (q before its transpose, cos before its unsqueeze): Inductor then
+    passes its buffer as is, without building the view on the host for every call (a few us each).
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
@@ -937,10 +937,12 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
     bases = bases or {}
     if kernel is None:
         kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
+    # a dummy pointer (an input the kernel does not read) is q's base: no view for Inductor to build
+    dummy = bases.get("q", q)
     kernel[grid](
-        bases.get("q", q), bases.get("k", k), q_out, k_out,
-        q_weight if has_weight else q, (k_weight if k_weight is not None else q_weight) if has_weight else q,
-        q if cos is None else cos, q if sin is None else sin,
+        dummy, bases.get("k", k), q_out, k_out,
+        q_weight if has_weight else dummy, (k_weight if k_weight is not None else q_weight) if has_weight else dummy,
+        dummy if cos is None else bases.get("cos", cos), dummy if sin is None else bases.get("sin", sin),
         _eps_arg(q_eps), _eps_arg(k_eps),
         n_tokens, n_inner, q_heads, q_heads if k is None else k_heads, q_head_blocks, k_head_blocks,
         head_blocks,
@@ -950,7 +952,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         *v_args[2:],
         idx_stride, cache_len, o_seq, vo_seq,
         # (a dummy pointer without a bias, as for the weights)
-        q_bias if has_bias else q, (k_bias if k_bias is not None else q_bias) if has_bias else q,
+        q_bias if has_bias else dummy, (k_bias if k_bias is not None else q_bias) if has_bias else dummy,
         *((cos.stride(-1), sin.stride(-1)) if half_table else (1, 1)),
         HEAD_DIM=head_dim,
         ROT_DIM=rd,

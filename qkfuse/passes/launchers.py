@@ -24,6 +24,23 @@ from ..patterns.norm_rope import Site
 aten = torch.ops.aten
 
 
+# Views that keep the storage offset: a tensor made by a chain of them has its root's data pointer.
+_SAME_POINTER_VIEWS = {aten.unsqueeze.default, aten.view.default, aten.expand.default, aten.permute.default,
+                       aten.transpose.int, aten.squeeze.dim, aten.squeeze.default, aten.alias.default}
+
+
+def _view_chain(node: Node) -> tuple[Node, list]:
+    """(root, [(op, args, kwargs) applied to it in order]) for a chain of same-pointer views whose
+    other arguments are constants (no symbolic sizes), else (node, [])."""
+    chain = []
+    while (isinstance(node, Node) and node.op == "call_function" and node.target in _SAME_POINTER_VIEWS
+           and not any(isinstance(a, Node) for a in (*node.args[1:], *node.kwargs.values()))
+           and isinstance(node.args[0], Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)):
+        chain.append((node.target, node.args[1:], dict(node.kwargs)))
+        node = node.args[0]
+    return node, chain[::-1]
+
+
 def _eps_parts(eps):
     """(float, tensor node or None) for the op's eps / eps_tensor arguments."""
     return (0.0, eps) if isinstance(eps, Node) else (float(eps), None)
@@ -54,10 +71,19 @@ class _Inputs:
 
     def add_table(self, name: str, table):
         """cos or sin: a node, or a ComplexPart (the real or imaginary part of complex frequencies),
-        which `bind` takes as ``view_as_real(freqs)[..., part]``: a strided view, no copy."""
+        which `bind` takes as ``view_as_real(freqs)[..., part]``: a strided view, no copy.
+
+        A table that is a same-pointer view of another tensor (HF's ``cos.unsqueeze(1)``) comes in as
+        that tensor, the view rebuilt by `bind` (as ``<name>``, its root as ``<name>#base``): a kernel
+        that takes the base as its pointer leaves Inductor no view to build per call."""
         if isinstance(table, ComplexPart):
             self.add(f"{name}#complex", table.of)
             self.parts = {**getattr(self, "parts", {}), name: table.part}
+            return
+        root, chain = _view_chain(table)
+        if chain:
+            self.add(f"{name}#base", root)
+            self.views = {**getattr(self, "views", {}), name: chain}
         else:
             self.add(name, table)
 
@@ -69,6 +95,11 @@ class _Inputs:
             t[name] = torch.stack([t.pop(f"{name}#{i}") for i in range(n)])
         for name, part in getattr(self, "parts", {}).items():
             t[name] = torch.view_as_real(t.pop(f"{name}#complex")).select(-1, part)
+        for name, chain in getattr(self, "views", {}).items():
+            x = t[f"{name}#base"]
+            for op, args, kwargs in chain:
+                x = op(x, *args, **kwargs)
+            t[name] = x
         for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
             if name in t and t[name].dim() != (2 if rows else 1):  # ([1, .., 1, D] -> [D])
                 t[name] = t[name].reshape(-1, t[name].shape[-1]) if rows else t[name].reshape(-1)
@@ -124,7 +155,8 @@ def launcher(kernel: str, group: tuple[Site, ...]):
             if cw is not None:
                 kv = tk.CacheTarget(t["cache"], t["index"], cw.dim, v, t.get("v_cache"))
             # the inputs before their permutes (same data pointer) as the kernel's pointers
-            bases = {name: t[key] for name, key in (("q", "q_x"), ("k", "k_x"), ("v", "v")) if key in t}
+            bases = {name: t[key] for name, key in (("q", "q_x"), ("k", "k_x"), ("v", "v"),
+                                                    ("cos", "cos#base"), ("sin", "sin#base")) if key in t}
             qo, ko = tk.launch(qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"),
                                qe, ke, recipe, traceable=True, cache=kv, out_strides=strides, bases=bases,
                                q_bias=t.get("q_bias"), k_bias=t.get("k_bias"))

@@ -46,3 +46,29 @@ def test_cache_write_is_in_place_in_the_graph_inputs(B, S):
     assert not any(n.target is torch.ops.aten.copy_.default for n in run.rewritten.graph.nodes)
     assert not any(n.target in (torch.ops.aten.index_put.default, torch.ops.aten.index_copy.default)
                    for n in run.rewritten.graph.nodes)
+
+
+def test_kernel_takes_the_graph_buffers_not_views_of_them():
+    """HF's cos.unsqueeze(1) and q's transpose are same-pointer views: the kernel gets the graph's
+    own buffers (placeholders) as its pointers, and the pointers it never reads (no bias here) are q's
+    buffer too, so Inductor's wrapper builds no view (reinterpret_tensor) per call for them."""
+    from tests.patterns.test_norm_rope_negative import llama_norm, rope
+
+    def site(q, k, qw, kw, cos, sin):
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return rope(llama_norm(q, qw).transpose(1, 2), c, s), rope(llama_norm(k, kw).transpose(1, 2), c, s)
+
+    g = torch.Generator().manual_seed(5)
+    ang = torch.rand(2, 7, 8, generator=g) * 6.3
+    args = (torch.randn(2, 7, 4, 16, generator=g).bfloat16(), torch.randn(2, 7, 2, 16, generator=g).bfloat16(),
+            (1 + 0.2 * torch.randn(16, generator=g)).bfloat16(), (1 + 0.2 * torch.randn(16, generator=g)).bfloat16(),
+            torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16())
+    run = run_pass_as_cuda(site, *args)
+    (call,) = run.kernel_calls()
+    kw = call.kwargs["kwargs"]
+    pointers = ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr", "qb_ptr", "kb_ptr")
+    assert all(kw[name].op == "placeholder" for name in pointers), {n: kw[n].format_node() for n in pointers}
+    assert kw["qb_ptr"] is kw["q_ptr"] and kw["kb_ptr"] is kw["q_ptr"]
+    assert not kw["HAS_BIAS"]
+    # the strides are the views': cos is read per token, shared by the heads
+    assert kw["c_sh"] == 0 and kw["s_sh"] == 0
