@@ -964,3 +964,27 @@ def test_functional_direct_path_checks_once_per_layout_and_every_call_s_position
         qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=good)
         with pytest.raises(ValueError, match="positions"):
             qkfuse.qk_norm_rope(q, k, qw, kw, cos_sin_cache=cache, positions=good + 20)  # same layout
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bases_are_read_as_the_views(interp, with_bias):
+    """What the compiled path passes (launchers.py): q, k and cos/sin as the graph's buffers before
+    their transpose / unsqueeze (same data pointer), the strides from the views, and q's buffer as
+    the pointers the kernel does not read. Bit for bit the launch with the views themselves."""
+    g = torch.Generator().manual_seed(21)
+    D, recipe = 16, Recipe("rms", 0.0, True, torch.float32, torch.float32, torch.float32, 16, False)
+    q_base, k_base = torch.randn(2, 5, 4, D, generator=g), torch.randn(2, 5, 2, D, generator=g)
+    ang = torch.rand(2, 5, D // 2, generator=g) * 6.3
+    cos_base, sin_base = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q, k = q_base.transpose(1, 2), k_base.transpose(1, 2)  # [B, H, S, D] views, as HF's attention
+    cos, sin = cos_base.unsqueeze(1), sin_base.unsqueeze(1)
+    qw, kw = 1 + 0.3 * torch.randn(D, generator=g), 1 + 0.3 * torch.randn(D, generator=g)
+    biases = dict(q_bias=0.1 * torch.randn(D, generator=g), k_bias=0.1 * torch.randn(D, generator=g)) if with_bias else {}
+    if with_bias:
+        recipe = dataclasses.replace(recipe, norm="layer")
+    views = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe, **biases)
+    bases = {"q": q_base, "k": k_base, "cos": cos_base, "sin": sin_base}
+    based = interp.launch(q, k, qw, kw, cos, sin, 1e-6, 1e-6, recipe, bases=bases, **biases)
+    assert all(torch.equal(a, b) for a, b in zip(views, based))
+    ref = norm_rope_reference(k, kw, cos, sin, 1e-6, recipe, bias=biases.get("k_bias"))
+    assert float((based[1] - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
