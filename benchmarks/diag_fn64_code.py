@@ -49,6 +49,9 @@ def main():
             f.write("\n\n# ----\n\n".join(code))
         launches = sum(src.count(".run(") for src in code)
         ours = sum(src.count("qk_norm_rope_kernel") for src in code)
+        calls = [ln for src in code for ln in src[src.find("def call("):].splitlines() if ".run(" in ln]
+        views = sum(ln.count("reinterpret_tensor(") for ln in calls)
+        print(f"{backend}: {views} reinterpret_tensor views built in the launch lines", flush=True)
         print(f"{backend}: {launches} '.run(' launches in the generated code, qk_norm_rope_kernel named {ours} times; "
               f"counters {dict(torch._dynamo.utils.counters['qkfuse'])}", flush=True)
         compiled[backend] = c
