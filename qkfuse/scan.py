@@ -839,6 +839,34 @@ def _ones_long(*shape):
     return lambda g: torch.ones(*shape, dtype=torch.long)
 
 
+def _arange(*shape):
+    """Positions 0..shape[-1]-1 along the last dim (long; list the key in ``exact``)."""
+    import torch
+
+    return lambda g: torch.arange(shape[-1]).repeat(*shape[:-1], 1)
+
+
+def _aranges(*ns):
+    """A tuple of position vectors, one per axis (Kandinsky5's visual_rope_pos; list the key in ``exact``)."""
+    import torch
+
+    return lambda g: tuple(torch.arange(n) for n in ns)
+
+
+class _Tensors(list):
+    """A list-of-tensors input (Z-Image's x / cap_feats, OmniGen's input_img_latents): ``.to(dtype)`` casts each
+    tensor, as build_diffusers casts a tensor input, and gives a plain list."""
+
+    def to(self, dtype):
+        return [t.to(dtype) for t in self]
+
+
+def _randn_list(*shapes):
+    import torch
+
+    return lambda g: _Tensors(torch.randn(*s, generator=g) for s in shapes)
+
+
 _FLUXLIKE_IN = dict(hidden_states=_randn(1, 16, 16), encoder_hidden_states=_randn(1, 8, 32),
                     timestep=_const([0.5]), img_ids=_randn(16, 3), txt_ids=_full(0.0, 8, 3))
 _WANLIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -940,6 +968,84 @@ DIFFUSERS = {
                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                     pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]),
                           inputs=dict(_FLUXLIKE_IN)),
+    "z_image": dict(cls="ZImageTransformer2DModel", file="transformer_z_image.py",
+                    init=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                              n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
+                              axes_lens=[64, 32, 32]),
+                    inputs=dict(x=_randn_list((4, 1, 16, 16)), t=_const([0.5]), cap_feats=_randn_list((8, 16)))),
+    "wan_animate": dict(cls="WanAnimateTransformer3DModel", file="transformer_wan_animate.py",
+                        init=dict(_WANLIKE, in_channels=12, latent_channels=4, image_dim=None,
+                                  motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16,
+                                  motion_style_dim=8, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+                                  face_encoder_num_heads=2, inject_face_latents_blocks=2),
+                        inputs=dict(_WANLIKE_IN, hidden_states=_randn(1, 12, 2, 16, 16),
+                                    pose_hidden_states=_randn(1, 4, 1, 16, 16),
+                                    face_pixel_values=_randn(1, 3, 1, 16, 16))),
+    "wan_vace": dict(cls="WanVACETransformer3DModel", file="transformer_wan_vace.py",
+                     init=dict(_WANLIKE, vace_layers=[0, 1], vace_in_channels=12),
+                     inputs=dict(_WANLIKE_IN, control_hidden_states=_randn(1, 12, 2, 16, 16))),
+    "flux2": dict(cls="Flux2Transformer2DModel", file="transformer_flux2.py",
+                  init=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+                            axes_dims_rope=(4, 4, 4, 4)),
+                  inputs=dict(hidden_states=_randn(1, 16, 16), encoder_hidden_states=_randn(1, 8, 32),
+                              timestep=_const([0.5]), img_ids=_randn(1, 16, 4), txt_ids=_full(0.0, 1, 8, 4),
+                              guidance=_const([1.0]))),
+    "hidream": dict(cls="HiDreamImageTransformer2DModel", file="transformer_hidream_image.py",
+                    init=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                              attention_head_dim=16, num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=8,
+                              num_routed_experts=2, num_activated_experts=2, axes_dims_rope=(8, 4, 4),
+                              max_resolution=(16, 16), llama_layers=(0, 1), force_inference_output=True),
+                    inputs=dict(hidden_states=_randn(1, 4, 16, 16), timesteps=_const([500.0]),
+                                encoder_hidden_states_t5=_randn(1, 8, 16),
+                                encoder_hidden_states_llama3=_randn(2, 1, 8, 8), pooled_embeds=_randn(1, 8))),
+    "kandinsky5": dict(cls="Kandinsky5Transformer3DModel", file="transformer_kandinsky.py",
+                       init=dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                                 patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+                                 axes_dims=(4, 6, 6)),
+                       inputs=dict(hidden_states=_randn(1, 1, 8, 8, 4), encoder_hidden_states=_randn(1, 8, 16),
+                                   timestep=_const([500.0]), pooled_projections=_randn(1, 8),
+                                   visual_rope_pos=_aranges(1, 4, 4), text_rope_pos=_arange(8)),
+                       exact=("visual_rope_pos", "text_rope_pos")),
+    "hunyuan_video15": dict(cls="HunyuanVideo15Transformer3DModel", file="transformer_hunyuan_video15.py",
+                            init=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                      num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+                                      text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+                                      rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v"),
+                            inputs=dict(hidden_states=_randn(1, 4, 1, 8, 8), timestep=_const([500.0]),
+                                        encoder_hidden_states=_randn(1, 6, 16), encoder_attention_mask=_ones_long(1, 6),
+                                        encoder_hidden_states_2=_randn(1, 4, 8),
+                                        encoder_attention_mask_2=_ones_long(1, 4), image_embeds=_full(0.0, 1, 3, 12)),
+                            exact=("encoder_attention_mask", "encoder_attention_mask_2")),
+    "ltx2": dict(cls="LTX2VideoTransformer3DModel", file="transformer_ltx2.py",
+                 init=dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                           attention_head_dim=16, cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+                           audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+                           num_layers=2, caption_channels=16),
+                 inputs=dict(hidden_states=_randn(1, 2 * 4 * 4, 8), audio_hidden_states=_randn(1, 9, 4),
+                             encoder_hidden_states=_randn(1, 8, 16), audio_encoder_hidden_states=_randn(1, 8, 16),
+                             timestep=_const([500.0]), encoder_attention_mask=_ones_long(1, 8), num_frames=2, height=4,
+                             width=4, audio_num_frames=9, fps=25.0),
+                 exact=("encoder_attention_mask",)),
+    "sana": dict(cls="SanaTransformer2DModel", file="sana_transformer.py",
+                 init=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                           num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+                           caption_channels=16, sample_size=16, patch_size=1, qk_norm="rms_norm_across_heads"),
+                 inputs=dict(hidden_states=_randn(1, 4, 16, 16), encoder_hidden_states=_randn(1, 8, 16),
+                             timestep=_const([500.0]))),
+    "bria": dict(cls="BriaTransformer2DModel", file="transformer_bria.py",
+                 init=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6]),
+                 inputs=dict(_FLUXLIKE_IN)),
+    "omnigen": dict(cls="OmniGenTransformer2DModel", file="transformer_omnigen.py",
+                    init=dict(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                              intermediate_size=64, num_layers=2, pad_token_id=0, vocab_size=128, time_step_dim=8,
+                              rope_scaling={"long_factor": [1.0] * 8, "short_factor": [1.0] * 8},
+                              pos_embed_max_size=16),
+                    inputs=dict(hidden_states=_randn(1, 4, 8, 8), timestep=_const([0.5]), input_ids=_ones_long(1, 20),
+                                input_img_latents=_randn_list((1, 4, 8, 8)), input_image_sizes={0: [[0, 16]]},
+                                attention_mask=_full(1.0, 1, 37, 37), position_ids=_arange(1, 37)),
+                    exact=("input_ids", "position_ids")),
 }
 
 
