@@ -115,7 +115,7 @@ def diffusers_targets() -> list[Target]:
         path = root / spec["file"]
         src = path.read_text(errors="replace") if path.exists() else ""
         out.append(Target("diffusers", name, bool(re.search(r"rotary|rope", src, re.I)),
-                          bool(re.search(r"norm_q|qk_norm|q_norm", src))))
+                          bool(re.search(r"norm_q|qk_norm|q_norm|q_rms_norm|query_norm", src))))
     return out
 
 
@@ -643,6 +643,24 @@ def top_reasons(rows: list[dict], n: int = 15) -> list[tuple[str, int, int]]:
     return [(reason, a, sites[reason]) for reason, a in archs.most_common(n)]
 
 
+def _previous_header(old_meta: dict, out_md: pathlib.Path) -> list[str]:
+    """The header lines a resumed scan keeps: the previous run's versions and command, then its note
+    and history (from its JSON, or read from the markdown of a scan that predates the field)."""
+    v = old_meta.get("versions", {})
+    lines = [f"before that: torch {v.get('torch')}, transformers {v.get('transformers')}, diffusers "
+             f"{v.get('diffusers')}; command: `{old_meta.get('command', '')}`"]
+    if "history" in old_meta:
+        return lines + list(old_meta.get("note_lines", [])) + list(old_meta["history"])
+    if out_md.exists():  # the lines after the fixed header, up to the first blank line
+        md = out_md.read_text().splitlines()
+        start = next((i + 1 for i, ln in enumerate(md) if ln.startswith("- RoPE / QK-norm:")), len(md))
+        for ln in md[start:]:
+            if not ln.startswith("- "):
+                break
+            lines.append(ln[2:])
+    return lines
+
+
 def render_markdown(rows: list[dict], meta: dict, note: str = "") -> str:
     rows = sorted(rows, key=lambda r: (r["kind"], r["name"]))
     v = meta["versions"]
@@ -664,9 +682,10 @@ def render_markdown(rows: list[dict], meta: dict, note: str = "") -> str:
            "the main output (logits, last_hidden_state or sample); (!) marks a value above the tolerance "
            f"({meta.get('tol')}). `graphs`: Dynamo graphs compiled (graph breaks + 1).",
            "- RoPE / QK-norm: the modeling source mentions `rotary`/`apply_rotary_pos_emb` / "
-           "`q_norm`/`qk_norm`/`q_layernorm` (diffusers: `rope`/`rotary` / `norm_q`/`qk_norm`/`q_norm`)."]
+           "`q_norm`/`qk_norm`/`q_layernorm` (diffusers: `rope`/`rotary` / `norm_q`/`qk_norm`/`q_norm`/`q_rms_norm`/`query_norm`)."]
     if note:
         out += [f"- {note}"]
+    out += [f"- {line}" for line in meta.get("history", [])]
     out.append("")
     for kind in ("transformers", "diffusers"):
         krows = [r for r in rows if r["kind"] == kind]
@@ -732,15 +751,19 @@ def run(args: argparse.Namespace) -> int:
     out_md = pathlib.Path(args.out)
     out_json = out_md.with_suffix(".json")
     rows: dict = {}
+    history: list[str] = []
     if args.resume and out_json.exists():
         old = json.loads(out_json.read_text())
+        named = {n for n in (args.only or "").split(",") if n}  # --only with --resume: those rows again
         rows = {(r["kind"], r["name"]): r for r in old.get("rows", []) if r.get("dtype") == args.dtype
+                and r["name"] not in named
                 and not (args.retry_failed and r["status"] in ("build error", "compile error", "timeout"))}
+        history = _previous_header(old.get("meta", {}), out_md)
     todo = [t for t in targets if (t.kind, t.name) not in rows]
     meta = dict(versions=versions(), dtype=args.dtype, families=args.families, timeout=args.timeout,
                 command="python -m qkfuse scan " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["scan"] else
                                                             sys.argv[1:]),
-                tol=_tol(args.dtype))
+                tol=_tol(args.dtype), note_lines=[args.note] if args.note else [], history=history)
     try:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -99,3 +99,17 @@ def test_markdown_summary_counts_qk_norm_and_rope_architectures():
     table = md_rows(md)
     assert table["c"]["status"] == "build error" and "x \\| y" in table["c"]["refusal reasons / error"]
     assert "| some reason | 2 | 6 |" in md  # top reasons: 2 architectures, 6 sites
+
+
+def test_resumed_header_keeps_the_previous_runs(tmp_path):
+    """A resumed scan's header lists the previous run (versions, command), its note and its history,
+    from the JSON, or from the markdown of a scan that predates the field: nothing is dropped."""
+    md = tmp_path / "coverage.md"
+    md.write_text("# qkfuse coverage\n\n- versions: x\n- command: `a`\n- RoPE / QK-norm: y\n- note A\n- older B\n\n## transformers\n")
+    legacy = scan._previous_header({"versions": {"torch": "2.13"}, "command": "scan --only a"}, md)
+    assert legacy[0].startswith("before that: torch 2.13") and "`scan --only a`" in legacy[0]
+    assert legacy[1:] == ["note A", "older B"]
+    meta = {"versions": {"torch": "2.13"}, "command": "scan --only b", "note_lines": ["note C"], "history": legacy}
+    again = scan._previous_header(meta, md)
+    assert again[1] == "note C" and again[2:] == legacy
+    assert all(f"- {line}" in scan.render_markdown([], {**meta, "versions": {}, "history": again}) for line in again)
