@@ -127,7 +127,18 @@ def run_worker(kind: str, name: str, timeout: float, decode: bool = False) -> di
     return row
 
 
-def render(rows: list[dict], command: str, note: str = "", decode: bool = False) -> str:
+def previous_header(md_path: pathlib.Path) -> list[str]:
+    """A resumed scan keeps the earlier runs' header lines (their command, note and history)."""
+    if not md_path.exists():
+        return []
+    lines = [ln[2:] for ln in md_path.read_text().splitlines() if ln.startswith("- ") and not ln.startswith("- **")]
+    if lines and lines[0].startswith("torch "):
+        lines[0] = "before that: " + lines[0]
+    return lines
+
+
+def render(rows: list[dict], command: str, note: str = "", decode: bool = False,
+           history: list[str] = ()) -> str:
     import torch
     import triton
 
@@ -143,6 +154,7 @@ def render(rows: list[dict], command: str, note: str = "", decode: bool = False)
           "against Inductor on a GPU), each fused call is one launch, no kernel argument is cloned.", "",
           f"- torch {torch.__version__}, triton {triton.__version__}; command: `{command}`",
           *([f"- {note}"] if note else []),
+          *[f"- {line}" for line in history],
           f"- **{ok} of {len(rows) - skipped} architectures ok**"
           + (f" ({skipped} more have no decode step this scan can build: listed)" if skipped else ""), "",
           "| kind | architecture | sites | fused (CPU) | fused (CUDA path) | policy: left to Inductor | launches | "
@@ -176,10 +188,11 @@ def main() -> int:
     if a.decode:
         todo = [t for t in todo if t[0] == "transformers"]
     rows = []
-    kept = []
+    kept, history = [], []
     old_json = pathlib.Path(a.out).with_suffix(".json")
     if a.resume and old_json.exists():
         kept = [r for r in json.loads(old_json.read_text()) if (r["kind"], r["name"]) not in set(todo)]
+        history = previous_header(pathlib.Path(a.out))
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
         for f in concurrent.futures.as_completed([pool.submit(run_worker, k, n, a.timeout, a.decode)
                                                   for k, n in todo]):
@@ -196,7 +209,7 @@ def main() -> int:
         argv = argv[:i] + argv[i + 2:]
     command = "python tests/scan_cuda_path.py " + " ".join(argv)
     rows = kept + rows
-    pathlib.Path(a.out).write_text(render(rows, command, a.note, a.decode))
+    pathlib.Path(a.out).write_text(render(rows, command, a.note, a.decode, history))
     pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {a.out}")
     return 0 if all(r["status"] in ("ok", "no decode step") for r in rows) else 1
