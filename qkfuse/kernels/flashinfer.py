@@ -114,6 +114,9 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
         return f"weight offset {recipe.weight_offset}"
     if recipe.half_table:
         return "flashinfer's RoPE takes full-width cos/sin, not one entry per pair (half_table)"
+    if recipe.deinterleave_input:
+        return "flashinfer's RoPE reads x as neox halves or interleaved pairs, not pairs rotated into halves " \
+               "(deinterleave_input)"
     if recipe.rotary_dim and (cos is None or cos.shape[-1] != recipe.rotary_dim):
         return "cos/sin do not cover rotary_dim"
     for t in (q, k):

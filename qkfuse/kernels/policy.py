@@ -13,7 +13,8 @@
   norm (Persimmon, Phi: 2.0x-3.1x device time at 64 to 32k tokens,
   benchmarks/results/2026-12-02-h200-layer.md); so is half_table RoPE (Wan's pair rotation,
   QwenImage's complex multiply: 1.96x-2.88x device time at Wan2.1's shapes, 4k and 32k tokens,
-  benchmarks/results/2026-12-02-h200-wan.md).
+  benchmarks/results/2026-12-02-h200-wan.md). Held: de-interleaved RoPE (DeepSeek's
+  apply_rotary_pos_emb_interleave, Recipe.deinterleave_input), not yet measured.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
+DEINTERLEAVE_UNMEASURED = ("de-interleaved RoPE (deinterleave_input: DeepSeek's apply_rotary_pos_emb_interleave, "
+                           "the pairs of x rotated into halves): the Triton kernel's mode for it is not yet "
+                           "measured against Inductor on a GPU")
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +86,10 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
+    if recipe.deinterleave_input and preference == "auto":
+        # Fuse only where it is measured to win: this mode has no GPU benchmark against Inductor yet
+        return None, (f"{DEINTERLEAVE_UNMEASURED}; site left to Inductor "
+                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 

@@ -80,6 +80,8 @@ def norm_rope_reference(
     if rd:
         rdt = recipe.rope_dtype
         yr = y[..., :rd].to(rdt)
+        if recipe.deinterleave_input:  # DeepSeek: x.view(..., rd/2, 2).transpose(-1, -2).reshape(..., rd)
+            yr = yr.unflatten(-1, (rd // 2, 2)).transpose(-1, -2).reshape(yr.shape)
         c, s = cos.to(rdt), sin.to(rdt)
         if recipe.half_table:
             c, s = _full_width(c, recipe.interleaved), _full_width(s, recipe.interleaved)

@@ -12,6 +12,9 @@ element once. A row is split into the two rotated halves (a, b) and the pass-thr
 
 so the partner of every rotated element is in registers and no element is read twice. With
 HALF_TABLE (one cos/sin entry per pair, Recipe.half_table) cos_a = cos_b = cos[i], sin_a = sin_b = sin[i].
+X_PAIRS: x (and a norm's weight and bias) is read as interleaved pairs; with INTERLEAVED off
+(Recipe.deinterleave_input, DeepSeek's apply_rotary_pos_emb_interleave) the pairs a = x[0:rd:2],
+b = x[1:rd:2] are rotated with neox cos/sin and stored as neox halves (out[i], out[i + rd/2]).
 Rounding follows qkfuse/ops/recipe.py: float32 math, rounded exactly where the graph rounds.
 """
 
@@ -136,7 +139,7 @@ def _norm_rope_tile(
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
-    HALF_TABLE: tl.constexpr,
+    HALF_TABLE: tl.constexpr, X_PAIRS: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -168,7 +171,7 @@ def _norm_rope_tile(
 
     # ---- pass 1: load the rotated part; sum of squares over the whole row ---------------------
     if ROT_DIM > 0:
-        if INTERLEAVED:
+        if X_PAIRS:  # (a, b) = (x[2i], x[2i + 1]): interleaved, or de-interleaved (DeepSeek)
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             xr = tl.load(x_ptr + x_row + dr, mask=row_mask & (dr < ROT_DIM), other=0.0,
                          eviction_policy="evict_first").to(tl.float32)
@@ -252,7 +255,7 @@ def _norm_rope_tile(
     if ROT_DIM > 0:
         if NORM:
             if HAS_WEIGHT:
-                if INTERLEAVED:
+                if X_PAIRS:  # (weight and bias are read where x's elements are)
                     w = _weight(w_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, WEIGHT_OFFSET, W_ROWS)
                     wa, wb = tl.split(tl.reshape(w, [w.shape[0], HALF_PAD, 2]))
                 else:
@@ -265,7 +268,7 @@ def _norm_rope_tile(
                 wa = 0.0
                 wb = 0.0
             if HAS_BIAS:
-                if INTERLEAVED:
+                if X_PAIRS:
                     bw = _weight(b_ptr, w_row, w_ok, tl.arange(0, 2 * HALF_PAD), ROT_DIM, 0.0, W_ROWS)
                     ba, bb = tl.split(tl.reshape(bw, [bw.shape[0], HALF_PAD, 2]))
                 else:
@@ -375,6 +378,7 @@ def qk_norm_rope_kernel(
     D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
     LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr, HALF_TABLE: tl.constexpr,
+    X_PAIRS: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
@@ -410,7 +414,7 @@ def qk_norm_rope_kernel(
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
-                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE,
+                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
@@ -419,7 +423,7 @@ def qk_norm_rope_kernel(
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
-            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE,
+            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS,
         )
 
 
@@ -624,6 +628,11 @@ def supports(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None, 
         return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in rank or head_dim"
     if recipe.half_table and positions is not None:
         return "half_table takes cos/sin tensors, not a cos/sin cache"
+    if recipe.deinterleave_input:
+        if positions is not None:
+            return "deinterleave_input takes cos/sin tensors, not a cos/sin cache"
+        if recipe.interleaved or recipe.norm != "none" or not recipe.rotary_dim:
+            return "deinterleave_input is implemented for neox RoPE alone (no norm, interleaved=False)"
     tables = () if recipe.half_table else ((cos, "cos"), (sin, "sin"))  # (a half table: any last-dim stride)
     for t, name in (*tables, (q_weight, "q weight"), (k_weight, "k weight"),
                     (q_bias, "q bias"), (k_bias, "k bias")):
@@ -985,6 +994,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         HAS_BIAS=has_bias,
         W_ROWS=across or bool(recipe.weight_heads_dim),
         HALF_TABLE=half_table,
+        X_PAIRS=bool(recipe.interleaved or recipe.deinterleave_input),
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -29,6 +29,11 @@ graph's numerics instead of "something close":
                  wide, any last-dim stride; pair p is elements (p, p + rotary_dim/2)
                  (neox) or (2p, 2p + 1) (interleaved) and both use cos[p], sin[p]: Wan's
                  freqs_cos[..., 0::2] / freqs_sin[..., 1::2], passed as those views)
+                 (deinterleave_input, neox only: the rotary part is first de-interleaved,
+                 y' = cat(y[..., 0:rd:2], y[..., 1:rd:2]), and y' is rotated as above: pair i
+                 is (y[2i], y[2i + 1]) and its outputs go to (i, i + rotary_dim/2); the tables
+                 are neox (full-width, or half with half_table). DeepSeek-V2/V3's
+                 apply_rotary_pos_emb_interleave, for RoPE alone: norm="none")
     y[..., rotary_dim:] passes through.
 
 A rounding "to float32" is a no-op: the kernels keep float32 intermediates and round only at the
@@ -66,6 +71,9 @@ class Recipe:
     weight_heads_dim: int = 0
     # True: cos/sin are [..., rotary_dim // 2], one value per rotated pair (see the module docstring)
     half_table: bool = False
+    # True: the rotary part of x is read as pairs (x[2i], x[2i+1]) and rotated as neox halves, the
+    # output written as halves: DeepSeek's apply_rotary_pos_emb_interleave (see the module docstring)
+    deinterleave_input: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -82,6 +90,7 @@ class Recipe:
             bool(self.norm_sum),
             int(self.weight_heads_dim),
             bool(self.half_table),
+            bool(self.deinterleave_input),
         )
 
     @classmethod
@@ -101,7 +110,8 @@ class Recipe:
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
         if self.rotary_dim:
             parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
-                         + (" half-table" if self.half_table else ""))
+                         + (" half-table" if self.half_table else "")
+                         + (" de-interleaved" if self.deinterleave_input else ""))
         return " + ".join(parts) or "identity"
 
 
@@ -175,6 +185,17 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError("qkfuse: weight_heads_dim is set but norm='none'")
     if recipe.half_table and not recipe.rotary_dim:
         raise ValueError("qkfuse: half_table is set but rotary_dim=0")
+    if recipe.deinterleave_input:
+        if not recipe.rotary_dim:
+            raise ValueError("qkfuse: deinterleave_input is set but rotary_dim=0")
+        if recipe.interleaved:
+            raise ValueError("qkfuse: deinterleave_input reads the pairs of x and writes neox halves; it is not "
+                             "combined with interleaved=True")
+        if recipe.norm != "none":
+            # (a weight, a bias or a row per head would have to be read in the same permuted order:
+            # not implemented; DeepSeek's RoPE has no norm in front)
+            raise ValueError(f"qkfuse: deinterleave_input is implemented for RoPE alone (norm='none'), "
+                             f"got norm={recipe.norm!r}")
     if whd and recipe.norm_heads_dim:
         raise ValueError("qkfuse: weight_heads_dim and norm_heads_dim are both set (a norm across heads has "
                          "its [heads * head_dim] weight)")
@@ -254,6 +275,8 @@ def check_inputs(x, weight, cos, sin, recipe: Recipe, name: str = "x", rope_shap
     if rd and rope_shape is not None:
         if recipe.half_table:
             raise ValueError("qkfuse: half_table is for cos/sin tensors, not a cos/sin cache")
+        if recipe.deinterleave_input:
+            raise ValueError("qkfuse: deinterleave_input is for cos/sin tensors, not a cos/sin cache")
         check_table_shape(rope_shape, "positions (+ [rotary_dim])", x, name, rd)
     elif rd:
         if cos is None or sin is None:

@@ -280,3 +280,76 @@ def test_reference_half_table_equals_wan_code(dtype):
     out = norm_rope_reference(x.unflatten(2, (H, -1)), w, freqs_cos[..., 0::2], freqs_sin[..., 1::2], 1e-6,
                               recipe)
     assert torch.equal(out, expected)
+
+
+# ---- DeepSeek's de-interleaved RoPE (Recipe.deinterleave_input) ----------------------------------
+
+
+def deepseek_v3_rope_interleave(q, cos, sin):
+    """transformers 5's apply_rotary_pos_emb_interleave (modeling_deepseek_v3), literally, for one
+    tensor: the even/odd slices rotated with the first halves of HF's cat(freqs, freqs) tables."""
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    return torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+
+
+def deepseek_v2_rope_interleave(q, cos, sin):
+    """Its earlier spelling (transformers 4's DeepSeek-V2/V3): de-interleave by a copy, then neox."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    b, h, s, d = q.shape
+    q = q.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
+    return (q * cos) + (rotate_half(q) * sin)
+
+
+def _deepseek_inputs(dtype, d=16, heads=3, seed=21):
+    """q [B, H, S, d] as DeepSeek's q_rot (a strided slice of the transposed projection) and cos/sin
+    [B, S, d] of independent angles (not cat(freqs, freqs): a read of the wrong entry shows)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = 2, 5
+    q = torch.randn(B, S, heads, 8 + d, generator=g).to(dtype).transpose(1, 2)[..., 8:]
+    angle = torch.rand(B, S, d, generator=g, dtype=torch.float64) * 2 * math.pi
+    return q, angle.cos().to(dtype), angle.sin().to(dtype), angle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_deinterleave_equals_deepseek_code(dtype):
+    """Both spellings and the recipes the pass derives for them (half tables, cos[..., :d/2], for
+    transformers 5's; full-width neox tables for the copy): bit for bit."""
+    q, cos, sin, _ = _deepseek_inputs(dtype)
+    d = q.shape[-1]
+    base = Recipe(norm="none", norm_dtype=dtype, rope_dtype=dtype, out_dtype=dtype, rotary_dim=d,
+                  deinterleave_input=True)
+    half = dataclasses.replace(base, half_table=True)
+    out = norm_rope_reference(q, None, cos[..., : d // 2].unsqueeze(1), sin[..., : d // 2].unsqueeze(1), 0.0, half)
+    assert torch.equal(out, deepseek_v3_rope_interleave(q, cos, sin))
+    out = norm_rope_reference(q, None, cos.unsqueeze(1), sin.unsqueeze(1), 0.0, base)
+    assert torch.equal(out, deepseek_v2_rope_interleave(q, cos, sin))
+    # (the two spellings agree where the tables are HF's cat(freqs, freqs))
+    hf_cos, hf_sin = (torch.cat((t[..., : d // 2],) * 2, -1) for t in (cos, sin))
+    assert torch.equal(deepseek_v3_rope_interleave(q, hf_cos, hf_sin), deepseek_v2_rope_interleave(q, hf_cos, hf_sin))
+
+
+@pytest.mark.parametrize("half_table", [False, True])
+@pytest.mark.parametrize("rotary_frac", [1, 2])
+def test_reference_deinterleave_float64_matches_deepseek_and_the_formula(half_table, rotary_frac):
+    """In float64: the reference is DeepSeek's code on x[..., :rd] (the rest passed through), and
+    each pair (x[2i], x[2i+1]) times exp(i theta_i) with the real parts in the first half."""
+    f64 = torch.float64
+    q, _, _, angle = _deepseek_inputs(f64, d=32, seed=22)
+    rd = q.shape[-1] // rotary_frac
+    theta = angle[..., : rd // 2]  # the angle of pair i (HF's tables are cat(freqs, freqs))
+    full_cos, full_sin = torch.cat((theta, theta), -1).cos(), torch.cat((theta, theta), -1).sin()
+    recipe = Recipe(norm="none", norm_dtype=f64, rope_dtype=f64, out_dtype=f64, rotary_dim=rd, half_table=half_table,
+                    deinterleave_input=True)
+    cos, sin = (theta.cos(), theta.sin()) if half_table else (full_cos, full_sin)
+    out = norm_rope_reference(q, None, cos.unsqueeze(1), sin.unsqueeze(1), 0.0, recipe)
+
+    code = deepseek_v3_rope_interleave if half_table else deepseek_v2_rope_interleave
+    expected = torch.cat((code(q[..., :rd].contiguous(), full_cos, full_sin), q[..., rd:]), -1)
+    assert torch.equal(out, expected)
+    z = torch.complex(q[..., 0:rd:2], q[..., 1:rd:2]) * torch.polar(torch.ones_like(theta), theta).unsqueeze(1)
+    formula = torch.cat((z.real, z.imag, q[..., rd:]), -1)
+    scale = q.abs().max().item()
+    assert (out - formula).abs().max().item() <= 2 * 3 * U64 * 2 * scale  # as the float64 test above

@@ -848,6 +848,88 @@ def test_half_table_seeded_bugs_are_caught(bug):
         _run_half(mod, _half_case(torch.float32, "bshd_transposed", True), True)
 
 
+# ---- de-interleaved RoPE (Recipe.deinterleave_input): DeepSeek's apply_rotary_pos_emb_interleave ---
+
+
+def _deint_case(dtype, layout, half_table, rd=None, head_dim=32, cos_dtype=None, k_heads=1):
+    """RoPE alone (the rope family's recipe): the pairs (x[2i], x[2i+1]) rotated into neox halves, with
+    full-width neox tables or half tables (transformers 5's cos[..., :d/2]); 3 q heads and 1 k head,
+    as DeepSeek's MLA (k_pe has one head), or k alone (k_heads=0: a single-tensor launch)."""
+    cos_dtype = cos_dtype or dtype
+    rope_dtype = torch.promote_types(dtype, cos_dtype)
+    recipe = Recipe(norm="none", norm_dtype=dtype, rope_dtype=rope_dtype, out_dtype=rope_dtype,
+                    rotary_dim=rd or head_dim, half_table=half_table, deinterleave_input=True)
+    return Case(dtype=dtype, head_dim=head_dim, recipe=recipe, has_weight=False, weight_dtype=dtype,
+                cos_dtype=cos_dtype, layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=k_heads,
+                q_eps=1e-6, k_eps=1e-6, scale=1.0, config=None, seed=41)
+
+
+def _deint_inputs(c: Case):
+    """make_inputs; with half tables DeepSeek's first halves cos[..., :rd/2] of full-width tables of
+    independent angles (views: a read of the other half or of the pairs' entries shows)."""
+    q, k, _, _, cos, sin = make_inputs(dataclasses.replace(c, recipe=dataclasses.replace(c.recipe, half_table=False)))
+    if c.recipe.half_table:
+        cos, sin = cos[..., : c.recipe.rotary_dim // 2], sin[..., : c.recipe.rotary_dim // 2]
+    return q, k, cos, sin
+
+
+def _run_deint(mod, c: Case):
+    q, k, cos, sin = _deint_inputs(c)
+    if k is not None:
+        check_qk(q, k, None, None, cos, sin, c.recipe)  # the ops' own argument checks
+    assert tk.supports(q, k, cos, c.recipe, sin) is None
+    q_out, k_out = mod.launch(q, k, None, None, cos, sin, c.q_eps, c.k_eps, c.recipe)
+    _check_against_reference(q_out, q, None, cos, sin, c.q_eps, c)
+    if k is None:
+        assert k_out is None
+    else:
+        _check_against_reference(k_out, k, None, cos, sin, c.k_eps, c)
+    return q, cos, sin, q_out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["full", "partial", "half_table", "partial_half_table"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deinterleaved_rope(interp, layout, rope, dtype):
+    """The reference's function (de-interleave, then neox), which the neox RoPE of x itself is not,
+    for q and k (one head) and for one tensor alone; 40 dims (20 pairs, padded to 32) too."""
+    for head_dim, k_heads, cos_dtype in ((32, 1, None), (40, 0, None), (32, 1, torch.float32)):
+        rd = head_dim // 2 if rope.startswith("partial") else None
+        c = _deint_case(dtype, layout, "half_table" in rope, rd=rd, head_dim=head_dim, cos_dtype=cos_dtype,
+                        k_heads=k_heads)
+        q, cos, sin, q_out = _run_deint(interp, c)
+        plain = norm_rope_reference(q, None, cos, sin, 0.0, dataclasses.replace(c.recipe, deinterleave_input=False))
+        assert (plain.float() - q_out.float()).abs().max() > 0.1
+
+
+def test_supports_deinterleave():
+    c = _deint_case(torch.bfloat16, "bhsd", True)
+    q, k, cos, sin = _deint_inputs(c)
+    assert tk.supports(q, k, cos, c.recipe, sin) is None
+    cache = torch.randn(8, c.recipe.rotary_dim)
+    assert "cache" in tk.supports(q, k, cache, c.recipe, None, None, None, torch.zeros(3, dtype=torch.long))
+    # (combinations the recipe refuses, in case one reaches the kernel unchecked)
+    for other in ({"norm": "rms"}, {"interleaved": True}):
+        assert "deinterleave_input" in tk.supports(q, k, cos, dataclasses.replace(c.recipe, **other), sin)
+
+
+DEINTERLEAVE_BUGS = {
+    "x read as halves": ("X_PAIRS=bool(recipe.interleaved or recipe.deinterleave_input)",
+                         "X_PAIRS=bool(recipe.interleaved)"),
+    "tables and output read as pairs": ("INTERLEAVED=bool(recipe.interleaved),",
+                                        "INTERLEAVED=bool(recipe.interleaved or recipe.deinterleave_input),"),
+    "pairs loaded under INTERLEAVED only": ("        if X_PAIRS:  # (a, b) = (x[2i], x[2i + 1])",
+                                            "        if INTERLEAVED:  # (a, b) = (x[2i], x[2i + 1])"),
+}
+
+
+@pytest.mark.parametrize("half_table", [False, True])
+@pytest.mark.parametrize("bug", list(DEINTERLEAVE_BUGS))
+def test_deinterleave_seeded_bugs_are_caught(bug, half_table):
+    with _seeded_kernel(*DEINTERLEAVE_BUGS[bug]) as mod, pytest.raises(AssertionError):
+        _run_deint(mod, _deint_case(torch.float32, "bshd_transposed", half_table))
+
+
 # ---- eager launch plans ------------------------------------------------------------------------------
 
 def test_launch_plans_follow_each_call(interp):
