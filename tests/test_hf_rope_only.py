@@ -88,3 +88,24 @@ def test_complex_rope_models_fuse_in_the_rope_family(arch):
             assert not any(r.fused for r in records) and "norm_rope_calls" not in counters["qkfuse"]
             assert all("RMSNorm" in r.reason for r in records), [r.reason for r in records]
         assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_deepseek_v3_de_interleaved_rope_fuses_in_the_rope_family():
+    """DeepSeek-V3 (rope_interleave=True: apply_rotary_pos_emb_interleave) reads as the de-interleaved
+    recipe: q_rot (4 heads) and k_rot (MLA's one head) in one call per layer, logits equal to eager."""
+    cfg = transformers.DeepseekV3Config(
+        **COMMON, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=LAYERS, rope_interleave=True)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), collect() as records:
+        ref = model(ids).logits
+        out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": "rope"})(ids).logits
+    assert counters["qkfuse"]["rope_calls"] == LAYERS, dict(counters["qkfuse"])
+    assert counters["qkfuse"]["rope_sites"] == 2 * LAYERS
+    assert records and all(r.fused and r.recipe == "neox rope[8] half-table de-interleaved" for r in records), records
+    assert {(r.shape[1], r.k_shape[1]) for r in records} == {(cfg.num_attention_heads, 1), (1, cfg.num_attention_heads)}
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -5,7 +5,8 @@ view), to the RMSNorm or LayerNorm (rms_norm.py): per head, or across heads when
 (``view(..., H, D)``) of the norm output comes first (OLMo2/3, OLMoE, MiniMax-M2, ESMC: the
 recipe's ``norm_heads_dim``); a weight with a row per head (Cohere, StableLM) is the recipe's
 ``weight_heads_dim``, in the op input's layout. ``rope`` (off by default): the same RoPE with no norm in
-front; a RoPE that a norm feeds belongs to ``norm_rope`` (fusing the RoPE alone would cut the
+front (DeepSeek's de-interleaved RoPE, the recipe's ``deinterleave_input``, only here: after a norm it
+is refused); a RoPE that a norm feeds belongs to ``norm_rope`` (fusing the RoPE alone would cut the
 norm+RoPE kernel Inductor generates in two).
 
 Conditions. Every intermediate of the chain is used only inside it; head_dim is static; the
@@ -81,6 +82,9 @@ def match_site(add: Node) -> Site:
         norm, views, head_view = _norm_of(rows)
     except Refused as e:
         raise Refused(_rotated_part_of_a_norm(rows.src) or str(e), wrong_kind=True) from None
+    if r.deinterleave_input:
+        raise Refused("DeepSeek's de-interleaved RoPE (apply_rotary_pos_emb_interleave) after a q/k norm: the "
+                      "recipe has it for RoPE alone (the norm's weight would be read in the permuted order)")
     require_static_head_dim(norm.x)
     n = len(rows.perm)  # across heads: the heads are dim n - 2 of the head view; perm moves them
     heads_dim = rows.perm.index(n - 2) - n if head_view is not None else 0

@@ -13,17 +13,23 @@ or the explicit pair rotation (Wan, SkyReels-V2, Wan-Animate): each pair (a, b) 
 elements or its two halves, becomes (a*c - b*s, a*s + b*c) with one c, s per pair (half-width
 tables, the recipe's ``half_table``: Wan's ``freqs_cos[..., 0::2]`` / ``freqs_sin[..., 1::2]``),
 written back by ``out = empty_like(x); out[..., 0::2] = ...; out[..., 1::2] = ...`` (post-grad:
-``slice_scatter`` into an ``empty``) or ``cat`` / ``stack(..).flatten(-2)``;
+``slice_scatter`` into an ``empty``) or ``cat`` / ``stack(..).flatten(-2)``. Pairs taken as the
+even/odd elements and written back as halves, ``cat([x0*c - x1*s, x1*c + x0*s], -1)`` with x0/x1 =
+x[..., 0::2]/[..., 1::2], are DeepSeek's ``apply_rotary_pos_emb_interleave`` (transformers 5; its
+``cos[..., :d/2]`` is a half table): the recipe's ``deinterleave_input``;
 
 or the complex multiply (QwenImage, Lumina2, Z-Image, Llama4, DeepSeek-V2):
 ``view_as_real(view_as_complex(x.float().reshape(..., D/2, 2)) * F).flatten(-2)``, F complex64:
 (a + ib)(c + id) = (ac - bd) + i(ad + bc) is the interleaved pair rotation with c, s = real(F),
 imag(F) (half-width tables, as data: ``ComplexPart``, since those views are no graph nodes);
 
+or neox RoPE of DeepSeek's de-interleaving copy ``x.view(..., d/2, 2).transpose(-1, -2).reshape(..., d)``
+(its earlier spelling of ``apply_rotary_pos_emb_interleave``; post-grad: reshape, permute, clone,
+reshape), read as RoPE of x with ``deinterleave_input`` (the copy joins the site);
+
 partial rotary ``cat([rope(x[..., :rd]), x[..., rd:]])``, wherever the cat is written (inside
 the RoPE function or at the call site: the graphs are the same), the split as slices,
-``split``/``chunk``. Refused with the reason: DeepSeek's ``apply_rotary_pos_emb_interleave``
-(its output is de-interleaved, a layout the kernels do not write).
+``split``/``chunk``.
 """
 
 from __future__ import annotations
@@ -58,11 +64,14 @@ class RopeMatch:
     out_dtype: torch.dtype
     interior: list[Node]
     half_table: bool = False  # cos/sin hold one value per rotated pair (rotary_dim // 2 wide)
+    # src's pairs (x[2i], x[2i+1]) are rotated as neox halves (DeepSeek's de-interleaved RoPE)
+    deinterleave_input: bool = False
 
     def recipe_part(self) -> dict:
         """The RoPE fields of the Recipe."""
         return dict(rope_dtype=self.rope_dtype, out_dtype=self.out_dtype, rotary_dim=self.rotary_dim,
-                    interleaved=self.interleaved, half_table=self.half_table)
+                    interleaved=self.interleaved, half_table=self.half_table,
+                    deinterleave_input=self.deinterleave_input)
 
 
 def _slice_nodes(n: Node) -> list[Node]:
@@ -125,21 +134,26 @@ def symbolic_rotation_source(n: Node) -> Node | None:
     return hi.args[0] if canon.last_dim_slice(hi) is None and canon.last_dim_slice(lo) is None else None
 
 
-def _deinterleaved_source(n: Node) -> Node | None:
-    """x of DeepSeek's ``cat([x0*cos - x1*sin, x1*cos + x0*sin], -1)``, x0/x1 = x[..., 0::2]/[..., 1::2]."""
-    parts = _cat_on_last_dim(n)
-    if parts is None or len(parts) != 2:
+def deinterleave_copy(n) -> tuple[Node, list[Node]] | None:
+    """(x, the nodes from n down) of n = ``x.view(..., d/2, 2).transpose(-1, -2).reshape(..., d)``:
+    DeepSeek's de-interleaving copy (evens first, then odds; post-grad a reshape, a permute of the
+    last two dims, a clone and a reshape), else None."""
+    if not canon.merges_last_two_dims(n):
         return None
-    first, second = (canon.binary(canon.strip_converts(p)[0], op) for p, op in zip(parts, (aten.sub, aten.add)))
-    if first is None or second is None:
+    nodes = [n]
+    inner = n.args[0]
+    if is_op(inner, aten.clone):
+        nodes.append(inner)
+        inner = inner.args[0]
+    if not is_op(inner, aten.permute):
         return None
-    pairs = {}
-    for term in (*first, *second):
-        for a in canon.binary(term, aten.mul) or ():
-            sl = canon.last_dim_slice(canon.upcast_source(a)) if isinstance(a, Node) else None
-            if sl is not None and sl.step == 2:
-                pairs.setdefault(sl.src, set()).add(sl.start)
-    return next((src for src, starts in pairs.items() if starts == {0, 1}), None)
+    nd = canon.ndim_of(inner)
+    if nd is None or nd < 2 or [canon.norm_dim(p, nd) for p in inner.args[1]] != [*range(nd - 2), nd - 1, nd - 2]:
+        return None
+    split = canon.last_dim_split_source(inner.args[0])
+    if split is None or split[2] != 2:
+        return None
+    return split[0], [*nodes, inner, inner.args[0]]
 
 
 @dataclasses.dataclass
@@ -154,6 +168,9 @@ class PairRotation:
     out_dtype: torch.dtype
     exact_out: bool  # the assembly rounds nothing (out_dtype == rope_dtype): one convert after may join
     nodes: list[Node]
+    # the pairs are x's even/odd elements and the outputs are written as halves (DeepSeek); then
+    # `interleaved` (the output layout) is False
+    deinterleave: bool = False
 
 
 def _widened_part(op) -> tuple[canon.LastDimSlice, list[Node]] | None:
@@ -267,13 +284,16 @@ def pair_rotation(n: Node) -> PairRotation | None:
     out_dtype = out_dtype or converted.pop()
     for x, cos, sin, il, terms in _pair_terms(f, s):
         products = terms[2:4] + [t for t in terms[4:] if is_op(t, aten.mul)]
-        if il != interleaved or any(dtype_of(p) != rope_dtype for p in products):
+        # pairs read as halves but written as pairs (the inverse permutation): no recipe for it
+        deinterleave = il and not interleaved
+        if (il != interleaved and not deinterleave) or any(dtype_of(p) != rope_dtype for p in products):
             continue
         xv, nv = tensor_val(x), tensor_val(n)
         if xv.dim() != nv.dim() or not all(canon.same_int(a, b) for a, b in zip(xv.shape, nv.shape)):
             continue  # (a write that broadcasts the rotated pairs into a larger empty)
         return PairRotation(n, x, cos, sin, interleaved, rope_dtype, out_dtype,
-                            out_dtype == rope_dtype and not f_convs, [*nodes, *f_convs, *s_convs, *terms])
+                            out_dtype == rope_dtype and not f_convs, [*nodes, *f_convs, *s_convs, *terms],
+                            deinterleave)
     return None
 
 
@@ -321,14 +341,14 @@ def _complex_rope(cr: ComplexRotation) -> RopeMatch:
 
 
 def is_candidate(n: Node) -> bool:
-    """An add of two products, one with a rotate_half-like operand, DeepSeek's de-interleaved RoPE, an
-    explicit pair rotation, or a complex multiply."""
+    """An add of two products, one with a rotate_half-like operand, an explicit pair rotation (DeepSeek's
+    de-interleaved RoPE among them), or a complex multiply."""
     if canon.binary(n, aten.add) is not None:
         a, b = n.args[:2]
         if is_op(a, aten.mul) and is_op(b, aten.mul):
             ops = [o for o in (*a.args[:2], *b.args[:2]) if isinstance(o, Node)]
             return any(rotation(o) is not None or symbolic_rotation_source(o) is not None for o in ops)
-    return _deinterleaved_source(n) is not None or pair_rotation(n) is not None or complex_rotation(n) is not None
+    return pair_rotation(n) is not None or complex_rotation(n) is not None
 
 
 def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
@@ -337,10 +357,12 @@ def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
     out = set()
     for n in graph.nodes:
         r = rotation(n) or pair_rotation(n) or complex_rotation(n)
-        src = r.src if r is not None else symbolic_rotation_source(n) or _deinterleaved_source(n)
+        src = r.src if r is not None else symbolic_rotation_source(n)
         if src is None:
             continue
         src = canon.upcast_source(src)
+        copy = deinterleave_copy(src)  # (DeepSeek's de-interleaving copy of what it rotates)
+        src = canon.upcast_source(copy[0]) if copy is not None else src
         sl = canon.last_dim_slice(src)
         src = sl.src if sl is not None and sl.start == 0 else src
         rv = canon.row_view_source(src)
@@ -350,9 +372,6 @@ def rotated_tensors(graph: torch.fx.Graph) -> set[Node]:
 
 def match_rope(add: Node) -> RopeMatch:
     """Read ``add`` as the RoPE output; raises Refused."""
-    if _deinterleaved_source(add) is not None:
-        raise Refused("DeepSeek's apply_rotary_pos_emb_interleave: its output is de-interleaved (each pair's "
-                      "rotated values go to the two halves), a layout the kernels do not write")
     cr = complex_rotation(add)
     if cr is not None:
         return _complex_rope(cr)
@@ -361,7 +380,7 @@ def match_rope(add: Node) -> RopeMatch:
         y, widened = canon.upcast_chain(pr.src)  # (x.float() before the pairs are taken)
         interior = [*dict.fromkeys([*pr.nodes, *widened])]
         return _finish(pr.anchor, y, pr.cos, pr.sin, pr.interleaved, pr.rope_dtype, pr.out_dtype, interior,
-                       half_table=True, convert_joins=pr.exact_out)
+                       half_table=True, convert_joins=pr.exact_out, deinterleave=pr.deinterleave)
     pair = canon.binary(add, aten.add)
     if pair is None:
         raise Refused("not an add")
@@ -393,11 +412,17 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
         interior.append(x_in)
     if src is not y:
         interior.append(src)
-    return _finish(add, y, cos, sin, r.interleaved, dtype_of(add), dtype_of(add), interior)
+    # neox RoPE of DeepSeek's de-interleaving copy of x: RoPE of x read as pairs (the copy joins the site)
+    copy = None if r.interleaved else deinterleave_copy(y)
+    if copy is not None:
+        y = copy[0]
+        interior += copy[1]
+    return _finish(add, y, cos, sin, r.interleaved, dtype_of(add), dtype_of(add), interior,
+                   deinterleave=copy is not None)
 
 
 def _finish(anchor: Node, y: Node, cos, sin, interleaved: bool, rope_dtype, out_dtype, interior: list[Node],
-            half_table: bool = False, convert_joins: bool = True) -> RopeMatch:
+            half_table: bool = False, convert_joins: bool = True, deinterleave: bool = False) -> RopeMatch:
     """The RopeMatch of RoPE on y computed up to `anchor` (interior: its nodes, anchor included):
     tables checked, one convert after it joined when that is the only rounding to the output dtype,
     a partial-rotary cat after it joined."""
@@ -439,4 +464,5 @@ def _finish(anchor: Node, y: Node, cos, sin, interleaved: bool, rope_dtype, out_
             cat = next(iter(anchor.users))
             interior += dict.fromkeys([*_slice_nodes(y), *_slice_nodes(parts[1]), cat])
             anchor, full_src = cat, sl.src
-    return RopeMatch(anchor, full_src, cos, sin, rd, interleaved, rope_dtype, out_dtype, interior, half_table)
+    return RopeMatch(anchor, full_src, cos, sin, rd, interleaved, rope_dtype, out_dtype, interior, half_table,
+                     deinterleave)

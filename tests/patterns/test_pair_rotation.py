@@ -229,13 +229,24 @@ def test_a_half_left_unwritten_is_not_a_rotation():
     _left_alone(rope)
 
 
-def test_deepseek_de_interleaved_output_stays_refused():
-    """Pairs taken as step-2 slices but written back as halves: the de-interleaved layout (refused
-    with its reason as before, not read as a pair rotation)."""
+def test_deepseek_de_interleaved_output_after_a_norm_is_refused():
+    """Pairs taken as step-2 slices but written back as halves: DeepSeek's de-interleaved RoPE, read as
+    a pair rotation with the recipe's deinterleave_input, which is for RoPE alone (the rope family:
+    tests/patterns/test_deinterleaved_rope.py); after Wan's norm it is refused with the reason."""
     def rope(x, cos, sin):
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    _left_alone(rope, "de-interleaved")
+    _left_alone(rope, "de-interleaved RoPE (apply_rotary_pos_emb_interleave) after a q/k norm")
+
+
+def test_pairs_from_halves_written_as_pairs_is_not_a_rotation():
+    """The inverse permutation (halves read as pairs, written interleaved): no recipe reads it, and it
+    is no candidate."""
+    def rope(x, cos, sin):
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    _left_alone(rope)
 
 
 # ---- CUDA: one launch, the views passed ----------------------------------------------------------

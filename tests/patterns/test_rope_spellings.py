@@ -189,8 +189,10 @@ def test_stack_along_another_dim_is_not_an_interleaved_rotation():
     _check_left_alone(fn, None)
 
 
-def test_deepseek_interleave_is_refused_for_its_output_layout():
-    """transformers' apply_rotary_pos_emb_interleave writes the rotated pairs de-interleaved."""
+def test_deepseek_interleave_after_a_norm_is_refused():
+    """transformers' apply_rotary_pos_emb_interleave after a q/k norm: its de-interleaved recipe is
+    for RoPE alone (the rope family, tests/patterns/test_deinterleaved_rope.py); with a norm in front
+    the norm_rope site is refused with the reason (a norm weight would be read permuted)."""
 
     def fn(q, k, qw, kw, cos, sin):
         c, s = cos[..., : D // 2].unsqueeze(2), sin[..., : D // 2].unsqueeze(2)
@@ -201,7 +203,7 @@ def test_deepseek_interleave_is_refused_for_its_output_layout():
             out.append(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
         return tuple(out)
 
-    run = _check_left_alone(fn, "de-interleaved")
+    run = _check_left_alone(fn, "de-interleaved RoPE (apply_rotary_pos_emb_interleave) after a q/k norm")
     assert {r.family for r in run.records} == {"norm_rope"}
 
 
