@@ -7,6 +7,10 @@
 #   per launch): diag_fn64_code.py, then bench_models.py --cases fn64;
 # - the GPU tests on that launcher (decode codegen and cache writes first);
 # - AOTInductor with torch alone (diag_aoti_pure.py): decides whether the export test can run here.
+# - DeepSeek's de-interleaved RoPE (Recipe.deinterleave_input): tests/gpu/test_deinterleave_gpu.py (in
+#   the GPU tests below), and in a call of its own its device time against Inductor
+#   (python benchmarks/bench_deinterleave.py --out $OUT), which decides the policy's hold under
+#   kernels="auto"; neither has run on a GPU yet.
 set -uo pipefail
 OUT=${OUT:-/tmp/qkfuse-out}
 mkdir -p "$OUT"
