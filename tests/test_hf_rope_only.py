@@ -17,17 +17,25 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
-def test_rope_only_fuses_every_layer_with_equal_logits(arch):
-    cfg = getattr(transformers, f"{arch}Config")(**COMMON)
+def compiled_logits(cls, cfg, families: str | None):
+    """(eager logits, compiled logits, records) of a tiny model with random weights (seeded), compiled
+    with qkfuse under `families` (None: the default), counters cleared first."""
     torch.manual_seed(0)
-    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    model = cls(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     counters.clear()
+    options = {} if families is None else {"options": {"qkfuse.families": families}}
     with torch.no_grad(), collect() as records:
         ref = model(ids).logits
-        out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": "rope"})(ids).logits
+        out = torch.compile(model, backend="qkfuse", **options)(ids).logits
+    return ref, out, records
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
+def test_rope_only_fuses_every_layer_with_equal_logits(arch):
+    cfg = getattr(transformers, f"{arch}Config")(**COMMON)
+    ref, out, records = compiled_logits(getattr(transformers, f"{arch}ForCausalLM"), cfg, "rope")
     assert counters["qkfuse"]["rope_calls"] == LAYERS, dict(counters["qkfuse"])  # q and k: one call per layer
     assert counters["qkfuse"]["rope_sites"] == 2 * LAYERS
     assert records and all(r.fused for r in records), [(r.fused, r.reason) for r in records]
@@ -36,15 +44,7 @@ def test_rope_only_fuses_every_layer_with_equal_logits(arch):
 
 def test_rope_only_is_opt_in():
     """Under the default families the same model is left alone, with the reason."""
-    cfg = transformers.LlamaConfig(**COMMON)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad(), collect() as records:
-        ref = model(ids).logits
-        out = torch.compile(model, backend="qkfuse")(ids).logits
+    ref, out, records = compiled_logits(transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON), None)
     assert "rope_calls" not in counters["qkfuse"] and "norm_rope_calls" not in counters["qkfuse"]
     assert records and not any(r.fused for r in records)
     assert all("RMSNorm" in r.reason for r in records), [r.reason for r in records]
@@ -69,16 +69,8 @@ def test_complex_rope_models_fuse_in_the_rope_family(arch):
     families="rope", logits equal to eager; under the default families it is left alone (no norm in
     front of it), still equal."""
     cls, cfg = COMPLEX_ROPE[arch]()
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids).logits
     for families in ("rope", "norm_rope"):
-        torch._dynamo.reset()
-        counters.clear()
-        with torch.no_grad(), collect() as records:
-            out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": families})(ids).logits
+        ref, out, records = compiled_logits(cls, cfg, families)
         if families == "rope":
             assert counters["qkfuse"]["rope_calls"] == LAYERS, dict(counters["qkfuse"])
             assert counters["qkfuse"]["rope_sites"] == 2 * LAYERS
@@ -96,14 +88,7 @@ def test_deepseek_v3_de_interleaved_rope_fuses_in_the_rope_family():
     cfg = transformers.DeepseekV3Config(
         **COMMON, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=LAYERS, rope_interleave=True)
-    torch.manual_seed(0)
-    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad(), collect() as records:
-        ref = model(ids).logits
-        out = torch.compile(model, backend="qkfuse", options={"qkfuse.families": "rope"})(ids).logits
+    ref, out, records = compiled_logits(transformers.DeepseekV3ForCausalLM, cfg, "rope")
     assert counters["qkfuse"]["rope_calls"] == LAYERS, dict(counters["qkfuse"])
     assert counters["qkfuse"]["rope_sites"] == 2 * LAYERS
     assert records and all(r.fused and r.recipe == "neox rope[8] half-table de-interleaved" for r in records), records
