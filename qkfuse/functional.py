@@ -42,6 +42,7 @@ def qk_norm_rope(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     half_table: bool = False,
+    deinterleave_input: bool = False,
     norm: str = "rms",
     weight_offset: float = 0.0,
     cast_before_weight: bool | None = None,
@@ -109,6 +110,12 @@ def qk_norm_rope(
         those views; a complex-multiply RoPE such as QwenImage's: the real and imaginary parts of
         its frequencies, ``interleaved``). Not with ``cos_sin_cache`` (per pair already). Default
         ``False``.
+    deinterleave_input : bool
+        DeepSeek's ``apply_rotary_pos_emb_interleave``: the rotary part is first de-interleaved,
+        ``x' = cat(x[..., 0:rd:2], x[..., 1:rd:2])``, then rotated as neox halves, so pair ``i``
+        is ``(x[2i], x[2i+1])`` and its outputs go to ``(i, i + rotary_dim/2)``. Tables as for
+        neox (full width, or ``half_table``). RoPE alone: ``norm="none"`` and no weights; not
+        with ``interleaved`` or ``cos_sin_cache``. Default ``False``.
     norm : str
         ``"rms"`` (default), ``"layer"`` (LayerNorm, ``torch.nn.LayerNorm(head_dim)``: the mean
         subtracted, the biased variance, then weight and bias in float32 and one rounding) or
@@ -195,7 +202,7 @@ def qk_norm_rope(
     """
     return _call(q, k, q_weight, k_weight, cos, sin, eps, eps if k_eps is None else k_eps, rotary_dim,
                  interleaved, norm, weight_offset, cast_before_weight, norm_dtype, rope_dtype, out_dtype,
-                 cos_sin_cache, positions, across_heads, q_bias, k_bias, half_table)
+                 cos_sin_cache, positions, across_heads, q_bias, k_bias, half_table, deinterleave_input)
 
 
 def norm_rope(
@@ -208,6 +215,7 @@ def norm_rope(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     half_table: bool = False,
+    deinterleave_input: bool = False,
     norm: str = "rms",
     weight_offset: float = 0.0,
     cast_before_weight: bool | None = None,
@@ -229,7 +237,7 @@ def norm_rope(
     """
     return _call(x, None, weight, None, cos, sin, eps, eps, rotary_dim, interleaved, norm, weight_offset,
                  cast_before_weight, norm_dtype, rope_dtype, out_dtype, None, None, across_heads, bias, None,
-                 half_table)[0]
+                 half_table, deinterleave_input)[0]
 
 
 def _with_heads_axis(t: Tensor, q: Tensor, name: str, rank_without: int, axis: int) -> Tensor:
@@ -253,11 +261,12 @@ def _number(v, name: str):
 
 
 def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-            rope_dtype, out_dtype, across_heads=False, half_table=False) -> Recipe:
+            rope_dtype, out_dtype, across_heads=False, half_table=False, deinterleave_input=False) -> Recipe:
     """The recipe of HF numerics for q's dtype, with the caller's overrides."""
     weight_offset = _number(weight_offset, "weight_offset")
-    if not isinstance(half_table, bool):
-        raise TypeError(f"qkfuse: half_table must be a bool, got {type(half_table).__name__}")
+    for flag, name in ((half_table, "half_table"), (deinterleave_input, "deinterleave_input")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"qkfuse: {name} must be a bool, got {type(flag).__name__}")
     if rotary_dim is None:
         rotary_dim = tables[0].shape[-1] * (2 if half_table else 1) if tables else 0
         if half_table and rotary_dim > q.shape[-1]:  # most likely a full-width table: say so, not "rotary_dim"
@@ -277,7 +286,7 @@ def _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before
     return Recipe(norm, weight_offset, bool(cast_before_weight), norm_dtype, rope_dtype,
                   q.dtype if out_dtype is None else out_dtype, int(rotary_dim), bool(interleaved),
                   -2 if across_heads else 0,  # the heads are q's dim -2
-                  half_table=half_table)
+                  half_table=half_table, deinterleave_input=deinterleave_input)
 
 
 def _direct_kernel(q: Tensor) -> bool:
@@ -292,7 +301,7 @@ def _direct_kernel(q: Tensor) -> bool:
 
 def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interleaved, norm, weight_offset,
           cast_before_weight, norm_dtype, rope_dtype, out_dtype, cache, positions, across_heads=False,
-          q_bias=None, k_bias=None, half_table=False):
+          q_bias=None, k_bias=None, half_table=False, deinterleave_input=False):
     # Argument checks that decide the defaults come first, so a bad q or cos is named as such
     # rather than as the recipe dtype derived from it; the op's own checks do the rest.
     check_tensor(q, "q", None)
@@ -307,6 +316,8 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
         if half_table is True:  # (a non-bool is _recipe's TypeError)
             raise ValueError("qkfuse: half_table=True is for cos/sin tables; cos_sin_cache already holds one "
                              "cos and one sin per pair (leave half_table out)")
+        if deinterleave_input is True:
+            raise ValueError("qkfuse: deinterleave_input=True takes cos/sin tables, not cos_sin_cache")
         check_tensor(cache, "cos_sin_cache", q.device)
         check_tensor(positions, "positions", q.device, (torch.int32, torch.int64))
         positions = _with_heads_axis(positions, q, "positions", q.dim() - 2, -1)
@@ -321,7 +332,7 @@ def _call(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, rotary_dim, interlea
     if half_table is True and not tables:  # else check_recipe's "rotary_dim=0", which hides the cause
         raise ValueError("qkfuse: half_table=True needs cos and sin")
     recipe = _recipe(q, tables, rotary_dim, interleaved, norm, weight_offset, cast_before_weight, norm_dtype,
-                     rope_dtype, out_dtype, across_heads, half_table)
+                     rope_dtype, out_dtype, across_heads, half_table, deinterleave_input)
 
     biases = (q_bias, k_bias)
     if (q_bias is None) != (k_bias is None) and k is not None:

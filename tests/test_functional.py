@@ -548,3 +548,50 @@ def test_bad_input_under_compile_is_the_same_error():
         fn(q, k)
     with pytest.raises(Exception, match=r"k weight must have shape \[64\]"):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k)
+
+
+# ---- DeepSeek's de-interleaved RoPE (deinterleave_input) -------------------------------------------
+
+
+def deepseek_rope_f64(x, cos, sin):
+    """DeepSeek-V3's apply_rotary_pos_emb_interleave (its view/transpose/reshape spelling) on
+    [B, S, H, D] with HF tables [B, S, D], in float64."""
+    xd = x.double()
+    *lead, d = xd.shape
+    xd = xd.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+    c, s = cos.double().unsqueeze(2), sin.double().unsqueeze(2)
+    return xd * c + rotate_half(xd) * s
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["full_table", "half_table"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_deinterleave_input_is_deepseeks_rope(dtype, half):
+    """deinterleave_input=True (norm="none"): DeepSeek's RoPE of q and of MLA's one-head k, within
+    the dtype of the float64 transcription; a half table (cos[..., :D/2]) gives the same result."""
+    g = torch.Generator().manual_seed(31)
+    B, S, D = 2, 5, 16
+    q, k = (3 * torch.randn(B, S, 4, D, generator=g)).to(dtype), (3 * torch.randn(B, S, 1, D, generator=g)).to(dtype)
+    ang = torch.rand(B, S, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    tables = (cos[..., : D // 2], sin[..., : D // 2]) if half else (cos, sin)
+    outs = qkfuse.qk_norm_rope(q, k, None, None, *tables, norm="none", deinterleave_input=True, half_table=half)
+    for out, x in zip(outs, (q, k)):
+        assert out.shape == x.shape and out.dtype == dtype
+        assert_close_to_eager(out, deepseek_rope_f64(x, cos, sin).to(dtype), units=2)
+    one = qkfuse.norm_rope(k, None, *tables, norm="none", deinterleave_input=True, half_table=half)
+    assert torch.equal(one, outs[1])
+
+
+def test_deinterleave_input_errors():
+    g = torch.Generator().manual_seed(32)
+    q, k = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 1, 16, generator=g)
+    cos, sin = torch.rand(2, 5, 16, generator=g), torch.rand(2, 5, 16, generator=g)
+    with pytest.raises(ValueError, match="deinterleave_input.*norm='none'"):  # a norm in front: not implemented
+        qkfuse.qk_norm_rope(q, k, torch.ones(16), torch.ones(16), cos, sin, deinterleave_input=True)
+    with pytest.raises(ValueError, match="interleaved"):
+        qkfuse.qk_norm_rope(q, k, None, None, cos, sin, norm="none", interleaved=True, deinterleave_input=True)
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        qkfuse.qk_norm_rope(q, k, None, None, cos_sin_cache=torch.rand(8, 16), positions=torch.arange(5),
+                            norm="none", deinterleave_input=True)
+    with pytest.raises(TypeError, match="deinterleave_input must be a bool"):
+        qkfuse.qk_norm_rope(q, k, None, None, cos, sin, norm="none", deinterleave_input=1)
