@@ -18,27 +18,11 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from ..patterns import canon
 from ..patterns.family import ComplexPart
 from ..patterns.norm_rope import Site
 
 aten = torch.ops.aten
-
-
-# Views that keep the storage offset: a tensor made by a chain of them has its root's data pointer.
-_SAME_POINTER_VIEWS = {aten.unsqueeze.default, aten.view.default, aten.expand.default, aten.permute.default,
-                       aten.transpose.int, aten.squeeze.dim, aten.squeeze.default, aten.alias.default}
-
-
-def _view_chain(node: Node) -> tuple[Node, list]:
-    """(root, [(op, args, kwargs) applied to it in order]) for a chain of same-pointer views whose
-    other arguments are constants (no symbolic sizes), else (node, [])."""
-    chain = []
-    while (isinstance(node, Node) and node.op == "call_function" and node.target in _SAME_POINTER_VIEWS
-           and not any(isinstance(a, Node) for a in (*node.args[1:], *node.kwargs.values()))
-           and isinstance(node.args[0], Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)):
-        chain.append((node.target, node.args[1:], dict(node.kwargs)))
-        node = node.args[0]
-    return node, chain[::-1]
 
 
 def _eps_parts(eps):
@@ -80,7 +64,7 @@ class _Inputs:
             self.add(f"{name}#complex", table.of)
             self.parts = {**getattr(self, "parts", {}), name: table.part}
             return
-        root, chain = _view_chain(table)
+        root, chain = canon.same_pointer_views(table)
         if chain:
             self.add(f"{name}#base", root)
             self.views = {**getattr(self, "views", {}), name: chain}

@@ -444,6 +444,24 @@ def depends_on(n, target: Node, limit: int = 400) -> bool:
 _VIEW_OPS = (aten.unsqueeze, aten.reshape, aten.view, aten.expand, aten.permute, aten.slice, aten.squeeze)
 
 
+# Views that keep the storage offset: a tensor made by a chain of them has its root's data pointer.
+_SAME_POINTER_VIEWS = (aten.unsqueeze.default, aten.view.default, aten.expand.default, aten.permute.default,
+                       aten.transpose.int, aten.squeeze.dim, aten.squeeze.default, aten.alias.default)
+
+
+def same_pointer_views(n) -> tuple[Node, list]:
+    """(root, [(op, args, kwargs) applied to it in order]) for a chain of same-pointer views whose
+    other arguments are constants (no symbolic sizes), else (n, []): the root has n's data pointer,
+    and replaying the ops on it rebuilds n."""
+    chain = []
+    while (isinstance(n, Node) and n.op == "call_function" and n.target in _SAME_POINTER_VIEWS
+           and not any(isinstance(a, Node) for a in (*n.args[1:], *n.kwargs.values()))
+           and tensor_val(n.args[0]) is not None):
+        chain.append((n.target, n.args[1:], dict(n.kwargs)))
+        n = n.args[0]
+    return n, chain[::-1]
+
+
 def data_identity(n):
     """A key equal for two nodes that hold the same values in the same layout: views of the same
     data, where that data may itself be a copy (clone, convert) computed the same way from the same
