@@ -103,8 +103,8 @@ def test_optimize_rejects_non_modules():
 @pytest.mark.slow
 def test_optimize_diffusers_flux():
     """Unmodified diffusers Flux: single-stream blocks fuse (torch rms_norm + interleaved RoPE with
-    float32 cos/sin); double-stream blocks concatenate text and image q between norm and RoPE and
-    are left to Inductor, with that reason."""
+    float32 cos/sin, norm_rope); double-stream blocks concatenate text and image q between norm and
+    RoPE and fuse as norm_cat_rope (one call per part: text, image)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(
@@ -116,15 +116,16 @@ def test_optimize_diffusers_flux():
               img_ids=torch.randn(16, 3), txt_ids=torch.zeros(8, 3))
     with torch.no_grad():
         report = qkfuse.explain(model, **kw)
-    assert len(report.fused) == 2 * 2  # q and k of both single-stream blocks
-    assert all("concatenation" in r.reason for r in report.refused) and len(report.refused) == 2
+    assert sorted(r.family for r in report.fused) == ["norm_cat_rope"] * 2 + ["norm_rope"] * 4, report.fused
+    assert report.refused == []
     with torch.no_grad():
         qkfuse.optimize(model, options=REFERENCE)
         out, ref = model(**kw).sample, eager(**kw).sample
         assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(**kw)
-    assert sum(1 for e in prof.events() if e.name == "qkfuse::qk_norm_rope") == 2  # one per single block
+    # one per single-stream block, one per part (text, image) of the double-stream block
+    assert sum(1 for e in prof.events() if e.name == "qkfuse::qk_norm_rope") == 2 + 2
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ DEINTERLEAVE_UNMEASURED = ("de-interleaved RoPE (deinterleave_input: DeepSeek's 
                            "the pairs of x rotated into halves): the Triton kernel's mode for it is not yet "
                            "measured against Inductor on a GPU")
 
+CONCAT_UNMEASURED = ("norms concatenated before the RoPE (norm_cat_rope: one launch per part, each writing "
+                     "its rows of the output): not yet measured against Inductor on a GPU")
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
@@ -58,8 +61,10 @@ def _measured() -> dict:
 def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None,
            recipe: Recipe, tensor_eps: bool = False, sin: torch.Tensor | None = None,
            q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None) -> tuple[str | None, str]:
-    """(kernel or None, note). None means: leave the site unfused, note says why."""
+           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+           concat_part: bool = False) -> tuple[str | None, str]:
+    """(kernel or None, note). None means: leave the site unfused, note says why. `concat_part`: q and k
+    are one part of a concatenation, written into their rows of the whole output."""
     if preference not in KERNEL_CHOICES:
         raise ValueError(f"qkfuse.kernels must be one of {KERNEL_CHOICES}, got {preference!r}")
     device = q.device.type
@@ -86,6 +91,9 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
+    if concat_part and preference == "auto":
+        return None, (f"{CONCAT_UNMEASURED}; site left to Inductor "
+                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if recipe.deinterleave_input and preference == "auto":
         # Fuse only where it is measured to win: this mode has no GPU benchmark against Inductor yet
         return None, (f"{DEINTERLEAVE_UNMEASURED}; site left to Inductor "

@@ -369,6 +369,7 @@ def qk_norm_rope_kernel(
     c_so, c_si, c_sh, s_so, s_si, s_sh,
     v_ptr, vo_ptr, idx_ptr, v_so, v_si, v_sh, vo_so, vo_si, vo_sh,
     idx_stride, cache_len, o_seq, vo_seq, qb_ptr, kb_ptr, c_sd, s_sd,
+    qo_off, ko_off, c_off, s_off,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
@@ -391,8 +392,14 @@ def qk_norm_rope_kernel(
 
     LAYER: a LayerNorm (the mean subtracted first); HAS_BIAS: its bias (qb_ptr/kb_ptr, laid out as
     the weights); W_ROWS: weight and bias have a row per head (ACROSS's [heads * head_dim], or an
-    [H, D] weight of a per-head norm: Cohere, StableLM)."""
+    [H, D] weight of a per-head norm: Cohere, StableLM).
+
+    qo_off/ko_off/c_off/s_off: element offsets of the rows this launch reads or writes in the
+    buffers passed as qo_ptr/ko_ptr/cos_ptr/sin_ptr (one part of a concatenation: its rows of the
+    whole output and of the cos/sin table; 0 otherwise)."""
     pid = tl.program_id(0)
+    cos_ptr += c_off
+    sin_ptr += s_off
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
     # A tile that cannot run (no k, no v) sits under a constexpr if and is not compiled at all, so
@@ -409,7 +416,7 @@ def qk_norm_rope_kernel(
     if HAS_K:
         if (pid_h >= q_head_blocks) & (pid_h < n_rope_blocks):
             _norm_rope_tile(
-                k_ptr, ko_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
+                k_ptr, ko_ptr + ko_off, kw_ptr, kb_ptr, cos_ptr, sin_ptr, k_eps, pid_t, pid_h - q_head_blocks,
                 n_tokens, n_inner, k_heads, k_so, k_si, k_sh, ko_so, ko_si, ko_sh,
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
@@ -418,7 +425,7 @@ def qk_norm_rope_kernel(
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
-            q_ptr, qo_ptr, qw_ptr, qb_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
+            q_ptr, qo_ptr + qo_off, qw_ptr, qb_ptr, cos_ptr, sin_ptr, q_eps, pid_t, pid_h,
             n_tokens, n_inner, q_heads, q_so, q_si, q_sh, qo_so, qo_si, qo_sh,
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
@@ -741,6 +748,7 @@ def launch(
     bases: dict | None = None,
     q_bias: torch.Tensor | None = None,
     k_bias: torch.Tensor | None = None,
+    out: tuple | None = None,
 ):
     """Run the fused kernel; returns (q_out, k_out or None), laid out by recipe.new_output.
 
@@ -751,9 +759,13 @@ def launch(
     With ``cache``, the last of q/k is stored into the cache (see CacheTarget) and its output is
     None. ``out_strides`` = (q's, k's or None): the output layouts to allocate instead of
     recipe.new_output's (in a compiled graph: the strides its consumers were planned with).
-    ``bases`` = {"q"/"k"/"v"/"cos"/"sin": tensor}: what to pass as that input's pointer, a tensor
-    with the same data pointer (q before its transpose, cos before its unsqueeze): Inductor then
-    passes its buffer as is, without building the view on the host for every call (a few us each).
+    ``bases`` = {"q"/"k"/"v"/"cos"/"sin"/"q_out"/"k_out": tensor}: what to pass as that tensor's
+    pointer: for q, k and v a tensor with the same data pointer (q before its transpose), for the
+    others any tensor whose storage holds it (cos before its unsqueeze, the rows of a concatenation
+    in its whole output), the kernel adding the element offset. Inductor then passes its buffer as
+    is, without building the view on the host for every call (a few us each).
+    ``out`` = (q_out, k_out or None): views to write the outputs into (with bases "q_out"/"k_out":
+    the buffers they are views of, which the kernel then writes in place), instead of new tensors.
 
     traceable=True launches through torch.library.wrap_triton, so make_fx/Dynamo record a
     triton_kernel_wrapper node that Inductor launches directly from its generated code.
@@ -762,13 +774,13 @@ def launch(
     input layout: what is derived from shapes, strides, dtypes and the recipe is computed once
     (see _Plan).
     """
-    if not traceable and cache is None and bases is None and out_strides is None:
+    if not traceable and cache is None and bases is None and out_strides is None and out is None:
         tensors = (q, k, q_weight, k_weight, cos, sin, positions, q_bias, k_bias)
         plan = _cached_plan(tensors, recipe, config, num_stages)
         if plan is not None:
             return plan.run(tensors, q_eps, k_eps)
     return _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, traceable, config, num_stages,
-                        positions, cache, out_strides, bases, q_bias, k_bias)
+                        positions, cache, out_strides, bases, q_bias, k_bias, out=out)
 
 
 _MAX_PLANS = 256
@@ -873,7 +885,7 @@ def _plan(q, k, q_weight, k_weight, cos, sin, recipe, config, num_stages, positi
 
 
 def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, traceable, config, num_stages,
-                 positions, cache, out_strides, bases, q_bias, k_bias, kernel=None):
+                 positions, cache, out_strides, bases, q_bias, k_bias, kernel=None, out=None):
     cached_is_k = cache is not None and k is not None
     cached_is_q = cache is not None and k is None
     q_strides, k_strides = out_strides if out_strides is not None else (None, None)
@@ -883,8 +895,11 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
             return new_output(x, recipe.out_dtype)
         return torch.empty_strided(x.shape, strides, dtype=recipe.out_dtype, device=x.device)
 
-    q_out = cache.cache if cached_is_q else output(q, q_strides)
-    k_out = None if k is None else (cache.cache if cached_is_k else output(k, k_strides))
+    if out is not None:
+        q_out, k_out = out
+    else:
+        q_out = cache.cache if cached_is_q else output(q, q_strides)
+        k_out = None if k is None else (cache.cache if cached_is_k else output(k, k_strides))
     table = cos if positions is None else positions.unsqueeze(-1)  # what varies per token
     axes = _plan_axes(q.shape, q.stride(), None if k is None else k.shape, None if table is None else table.shape,
                       None if cache is None else cache.dim, recipe.norm_heads_dim or recipe.weight_heads_dim)
@@ -948,10 +963,14 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     # a dummy pointer (an input the kernel does not read) is q's base: no view for Inductor to build
     dummy = bases.get("q", q)
+    qo_ptr, qo_off = _pointer(bases, "q_out", q_out)
+    ko_ptr, ko_off = _pointer(bases, "k_out", k_out)
+    cos_ptr, c_off = (dummy, 0) if cos is None else _pointer(bases, "cos", cos)
+    sin_ptr, s_off = (dummy, 0) if sin is None else _pointer(bases, "sin", sin)
     kernel[grid](
-        dummy, bases.get("k", k), q_out, k_out,
+        dummy, bases.get("k", k), qo_ptr, ko_ptr,
         q_weight if has_weight else dummy, (k_weight if k_weight is not None else q_weight) if has_weight else dummy,
-        dummy if cos is None else bases.get("cos", cos), dummy if sin is None else bases.get("sin", sin),
+        cos_ptr, sin_ptr,
         _eps_arg(q_eps), _eps_arg(k_eps),
         n_tokens, n_inner, q_heads, q_heads if k is None else k_heads, q_head_blocks, k_head_blocks,
         head_blocks,
@@ -963,6 +982,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         # (a dummy pointer without a bias, as for the weights)
         q_bias if has_bias else dummy, (k_bias if k_bias is not None else q_bias) if has_bias else dummy,
         *((cos.stride(-1), sin.stride(-1)) if half_table else (1, 1)),
+        qo_off, ko_off, c_off, s_off,
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),
@@ -999,3 +1019,11 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return (None if cached_is_q else q_out), (None if cached_is_k else k_out)
+
+
+def _pointer(bases: dict, name: str, t: torch.Tensor | None):
+    """(the tensor to pass as t's pointer, the element offset of t in it): bases[name] if given."""
+    base = bases.get(name)
+    if base is None or t is None:
+        return t, 0
+    return base, t.storage_offset() - base.storage_offset()

@@ -32,7 +32,7 @@ from ..kernels import policy
 from ..options import Options
 from ..patterns import BY_NAME, FAMILIES, MatchContext, Refused, Site, canon, kv_cache
 from ..patterns.canon import dtype_of, static_int, tensor_val
-from ..patterns.family import table_value
+from ..patterns.family import ConcatSite
 from .pairing import group_sites, placeable
 from .records import SiteRecord, publish
 from .replace import replace_group
@@ -74,10 +74,9 @@ class _Run:
         """One record (and counter) for a site, or for a refused candidate node of `family`."""
         if isinstance(site_or_node, Site):
             s = site_or_node
-            recipe = s.recipe.describe(s.bias is not None) + (f" + {s.cache.describe()}" if s.cache is not None else "")
             rec = SiteRecord(s.family, fused, reason, s.anchor.name, _shape(s.anchor),
                              None if partner is None else _shape(partner.anchor),
-                             str(dtype_of(s.anchor)).replace("torch.", ""), recipe, self.gid)
+                             str(dtype_of(s.anchor)).replace("torch.", ""), s.describe(), self.gid)
         else:
             n = site_or_node
             rec = SiteRecord(family, fused, reason, n.name, _shape(n), None,
@@ -282,17 +281,26 @@ def _groups_to_try(group, options: Options):
 
 
 def _choose(group, options: Options):
+    if isinstance(group[0], ConcatSite):  # one launch per part (q's part i with k's): one kernel for all
+        choices = [_choose(parts, options) for parts in zip(*(s.parts for s in group))]
+        kernel, note = next(((k, n) for k, n in choices if k is None), choices[0])
+        if kernel is not None and any(k != kernel for k, _ in choices):
+            return None, "the parts of the concatenation would take different kernels"
+        return kernel, note
     q, k = group[0], (group[1] if len(group) > 1 else None)
     vals = [s.op_input(tensor_val(s.x)) for s in group]
+    cos, sin = q.table_values()
     return policy.choose(
-        options.kernels, vals[0], vals[1] if k is not None else None, table_value(q.cos), q.recipe,
-        any(isinstance(s.eps, torch.fx.Node) for s in group), table_value(q.sin), q.param_value("weight"),
+        options.kernels, vals[0], vals[1] if k is not None else None, cos, q.recipe,
+        any(isinstance(s.eps, torch.fx.Node) for s in group), sin, q.param_value("weight"),
         None if k is None else k.param_value("weight"), q.param_value("bias"),
-        None if k is None else k.param_value("bias"))
+        None if k is None else k.param_value("bias"), concat_part=q.rows is not None)
 
 
 def _cache_write(site: Site, order: dict, taken: set, options: Options):
     """The KV-cache write `site` absorbs, as far as the kernel that will serve it can do it."""
+    if isinstance(site, ConcatSite):  # (no model writes a concatenated k into a cache)
+        return None, ""
     cw, note = kv_cache.match_cache_write(site.anchor, order, taken)
     if cw is None:
         return None, note

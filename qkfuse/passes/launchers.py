@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 
 from ..patterns import canon
-from ..patterns.family import ComplexPart
+from ..patterns.family import ComplexPart, ConcatSite
 from ..patterns.norm_rope import Site
 
 aten = torch.ops.aten
@@ -84,14 +84,22 @@ class _Inputs:
             for op, args, kwargs in chain:
                 x = op(x, *args, **kwargs)
             t[name] = x
-        for name in ("q_weight", "k_weight", "q_bias", "k_bias"):
-            if name in t and t[name].dim() != (2 if rows else 1):  # ([1, .., 1, D] -> [D])
-                t[name] = t[name].reshape(-1, t[name].shape[-1]) if rows else t[name].reshape(-1)
-        return t
+        return _params_as(t, ("q", "k"), rows)
+
+
+def _params_as(t: dict, tags, rows: bool) -> dict:
+    """t with the weights and biases of `tags` ("q": q_weight, q_bias) as [H, D] with `rows`, else
+    [D] ([1, .., 1, D] -> [D])."""
+    for name in (f"{tag}_{p}" for tag in tags for p in ("weight", "bias")):
+        if name in t and t[name].dim() != (2 if rows else 1):
+            t[name] = t[name].reshape(-1, t[name].shape[-1]) if rows else t[name].reshape(-1)
+    return t
 
 
 def launcher(kernel: str, group: tuple[Site, ...]):
     """(fn, arg nodes) computing the fused call for `group` (q, or q and k) with `kernel`."""
+    if isinstance(group[0], ConcatSite):
+        return _concat_launcher(kernel, group)
     q = group[0]
     k = group[1] if len(group) > 1 else None
     recipe = q.recipe
@@ -152,37 +160,10 @@ def launcher(kernel: str, group: tuple[Site, ...]):
         return fn, ins.nodes
 
     if kernel in ("inline", "reference", "flashinfer"):
-        op_args = recipe.op_args()
-
-        def rope(t, qx, kx):
-            if kernel == "inline":
-                from ..kernels.reference import norm_rope_reference
-
-                qo = norm_rope_reference(qx, t.get("q_weight"), t.get("cos"), t.get("sin"),
-                                         t.get("q_eps_t", q_eps), recipe, dense_layout=False, bias=t.get("q_bias"))
-                ko = None if kx is None else norm_rope_reference(
-                    kx, t.get("k_weight"), t.get("cos"), t.get("sin"), t.get("k_eps_t", k_eps), recipe,
-                    dense_layout=False, bias=t.get("k_bias"))
-                return qo, ko
-            if kernel == "flashinfer":
-                from ..kernels import flashinfer as fi
-
-                named = dict(q=qx, k=kx, q_weight=t.get("q_weight"), k_weight=t.get("k_weight"),
-                             cos=t.get("cos"), sin=t.get("sin"))
-                outs = fi.norm_rope_call(named, q_eps, k_eps, recipe)
-                return outs[0], (outs[1] if kx is not None else None)
-            if kx is None:
-                return torch.ops.qkfuse.norm_rope.default(
-                    qx, t.get("q_weight"), t.get("cos"), t.get("sin"), q_eps, t.get("q_eps_t"), *op_args,
-                    t.get("q_bias")), None
-            return torch.ops.qkfuse.qk_norm_rope.default(
-                qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"), q_eps, k_eps,
-                t.get("q_eps_t"), t.get("k_eps_t"), *op_args, t.get("q_bias"), t.get("k_bias"))
-
         def fn(*tensors):
             t = ins.bind(tensors, rows=bool(recipe.weight_heads_dim))
             qx, kx, v = inputs(t)
-            qo, ko = rope(t, qx, kx)
+            qo, ko = _unfused_call(kernel, t, qx, kx, recipe, q_eps, k_eps)
             if cw is None:
                 return (qo,) if ko is None else (qo, ko)
             written = ko if k is not None else qo
@@ -194,6 +175,117 @@ def launcher(kernel: str, group: tuple[Site, ...]):
         return fn, ins.nodes
 
     raise ValueError(f"qkfuse: unknown kernel {kernel!r}")
+
+
+def _unfused_call(kernel: str, t: dict, qx, kx, recipe, q_eps: float, k_eps: float):
+    """(q out, k out or None) of the recipe on qx (and kx) as plain torch ops (``inline``), the
+    ``qkfuse::`` reference op, or flashinfer's kernels; t: the call's tensors by name."""
+    if kernel == "inline":
+        from ..kernels.reference import norm_rope_reference
+
+        qo = norm_rope_reference(qx, t.get("q_weight"), t.get("cos"), t.get("sin"), t.get("q_eps_t", q_eps), recipe,
+                                 dense_layout=False, bias=t.get("q_bias"))
+        ko = None if kx is None else norm_rope_reference(
+            kx, t.get("k_weight"), t.get("cos"), t.get("sin"), t.get("k_eps_t", k_eps), recipe,
+            dense_layout=False, bias=t.get("k_bias"))
+        return qo, ko
+    if kernel == "flashinfer":
+        from ..kernels import flashinfer as fi
+
+        named = dict(q=qx, k=kx, q_weight=t.get("q_weight"), k_weight=t.get("k_weight"),
+                     cos=t.get("cos"), sin=t.get("sin"))
+        outs = fi.norm_rope_call(named, q_eps, k_eps, recipe)
+        return outs[0], (outs[1] if kx is not None else None)
+    op_args = recipe.op_args()
+    if kx is None:
+        return torch.ops.qkfuse.norm_rope.default(
+            qx, t.get("q_weight"), t.get("cos"), t.get("sin"), q_eps, t.get("q_eps_t"), *op_args,
+            t.get("q_bias")), None
+    return torch.ops.qkfuse.qk_norm_rope.default(
+        qx, kx, t.get("q_weight"), t.get("k_weight"), t.get("cos"), t.get("sin"), q_eps, k_eps,
+        t.get("q_eps_t"), t.get("k_eps_t"), *op_args, t.get("q_bias"), t.get("k_bias"))
+
+
+def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
+    """(fn, arg nodes) for a group of ConcatSites: part i of q with part i of k in one launch, each
+    writing its rows of the whole outputs (Triton: in place, the later launches writing into the
+    buffers the first allocated; the other kernels: their outputs concatenated)."""
+    q = group[0]
+    k = group[1] if len(group) > 1 else None
+    n_parts = len(q.parts)
+    ins = _Inputs()
+    for i in range(n_parts):
+        for tag, s in (("q", q), ("k", k)):
+            if s is not None:
+                p = s.parts[i]
+                ins.add(f"{tag}{i}_x", p.x)
+                ins.add_param(f"{tag}{i}_weight", p.weight)
+                ins.add_param(f"{tag}{i}_bias", p.bias)
+                ins.add(f"{tag}{i}_eps_t", _eps_parts(p.eps)[1])
+    ins.add_table("cos", q.cos)
+    ins.add_table("sin", q.sin)
+    dim = q.cat_dim
+    out_dtype = q.recipe.out_dtype
+    strides = tuple(None if s is None else _dense_strides_of(s.anchor) for s in (q, k))
+
+    def part_call(t: dict, i: int, start, length) -> dict:
+        """Part i's tensors under the names of one (q, k) call: x, weights, biases, eps, its cos/sin rows."""
+        named = {}
+        for tag in ("q", "k"):
+            for name in ("weight", "bias", "eps_t"):
+                if f"{tag}{i}_{name}" in t:
+                    named[f"{tag}_{name}"] = t[f"{tag}{i}_{name}"]
+        rows = q.parts[i].rows
+        for name in ("cos", "sin"):
+            table = t.get(name)
+            if table is not None and rows.table_dim is not None:
+                table = table.narrow(rows.table_dim, start, length)
+            named[name] = table
+        return _params_as(named, ("q", "k"), bool(q.parts[i].recipe.weight_heads_dim))
+
+    def fn(*tensors):
+        t = ins.bind(tensors)
+        xs = [(q.parts[i].op_input(t[f"q{i}_x"]), None if k is None else k.parts[i].op_input(t[f"k{i}_x"]))
+              for i in range(n_parts)]
+        lengths = [qx.shape[dim] for qx, _ in xs]
+        starts = [sum(lengths[:i]) for i in range(n_parts)]
+        if kernel != "triton":
+            outs = []
+            for i, (qx, kx) in enumerate(xs):
+                p = q.parts[i]
+                eps = [_eps_parts(s.parts[i].eps)[0] if s is not None else 0.0 for s in (q, k)]
+                outs.append(_unfused_call(kernel, part_call(t, i, starts[i], lengths[i]), qx, kx, p.recipe, *eps))
+            qo = torch.cat([o[0] for o in outs], dim)
+            return (qo,) if k is None else (qo, torch.cat([o[1] for o in outs], dim))
+        from ..kernels import triton_norm_rope as tk
+
+        def whole(x, strides):
+            shape = list(x.shape)
+            shape[dim] = sum(lengths)
+            if strides is None:
+                return torch.empty(shape, dtype=out_dtype, device=x.device)
+            return torch.empty_strided(shape, strides, dtype=out_dtype, device=x.device)
+
+        qo = whole(xs[0][0], strides[0])
+        ko = None if k is None else whole(xs[0][1], strides[1])
+        for i, (qx, kx) in enumerate(xs):
+            p = q.parts[i]
+            named = part_call(t, i, starts[i], lengths[i])
+            views = tuple(None if o is None else o.narrow(dim, starts[i], lengths[i]) for o in (qo, ko))
+            # the whole tables and outputs as the kernel's pointers, this part's rows at an offset
+            bases = {"q": t[f"q{i}_x"], "q_out": qo, **{name: t.get(f"{name}#base", t.get(name))
+                                                      for name in ("cos", "sin")}}
+            if k is not None:
+                bases.update(k=t[f"k{i}_x"], k_out=ko)
+            eps = [_eps_parts(s.parts[i].eps)[0] if s is not None else 0.0 for s in (q, k)]
+            eps = [e if f"{tag}_eps_t" not in named else named[f"{tag}_eps_t"].item()
+                   for e, tag in zip(eps, ("q", "k"))]
+            tk.launch(qx, kx, named.get("q_weight"), named.get("k_weight"), named["cos"], named["sin"], *eps,
+                      p.recipe, traceable=True, out=views, bases=bases, q_bias=named.get("q_bias"),
+                      k_bias=named.get("k_bias"))
+        return (qo,) if k is None else (qo, ko)
+
+    return fn, ins.nodes
 
 
 def _dense_strides_of(node: Node):

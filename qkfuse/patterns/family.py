@@ -69,6 +69,18 @@ def table_identity(t):
 
 
 @dataclasses.dataclass(frozen=True)
+class PartRows:
+    """Where one part of a concatenation lies in the whole (``ConcatSite.parts``): rows [start,
+    start + length) along `dim` of the RoPE's input (the op input's layout), and the cos/sin rows it
+    reads: the same range along `table_dim` of the tables (None: they broadcast over `dim`).
+    start and length are meta values (ints, or SymInts with dynamic shapes)."""
+    dim: int
+    start: object
+    length: object
+    table_dim: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class MatchContext:
     families: frozenset[str]  # the enabled families
 
@@ -105,6 +117,7 @@ class Site:
     # the norm's bias (added after the weight), laid out as the weight. weight and bias may be
     # one node per head (StableLM's LayerNorm per head): the op gets them stacked, [H, D]
     bias: Node | tuple[Node, ...] | None = None
+    rows: PartRows | None = None  # a part of a ConcatSite: where its rows lie in the whole
 
     def op_input(self, x):
         """The fused op's input from x (a tensor: a traced one or x's meta value)."""
@@ -143,6 +156,19 @@ class Site:
             v = v.reshape(-1, v.shape[-1]) if rows else v.reshape(-1)
         return v
 
+    def table_values(self) -> tuple:
+        """(cos, sin) meta values as this site reads them (a part: its rows of the tables)."""
+        vals = table_value(self.cos), table_value(self.sin)
+        r = self.rows
+        if r is None or r.table_dim is None:
+            return vals
+        return tuple(None if v is None else v.narrow(r.table_dim, r.start, r.length) for v in vals)
+
+    def describe(self) -> str:
+        """The recipe as explain shows it."""
+        text = self.recipe.describe(self.bias is not None)
+        return text + (f" + {self.cache.describe()}" if self.cache is not None else "")
+
     def output_users(self) -> list[Node]:
         return [u for t in self.targets() for u in t.users]
 
@@ -170,9 +196,49 @@ class Site:
         )
 
 
-def check_interior(site_nodes: list[Node], anchor: Node) -> None:
-    """Every node of a site but its anchor is used only inside the site (else it must stay)."""
+@dataclasses.dataclass
+class ConcatSite(Site):
+    """A RoPE over a concatenation of norm outputs (Flux's double-stream blocks: text and image q
+    normed apart, concatenated along the sequence, then rotated). Each part is a Site of its own
+    norm (anchor: the concatenation's input; cos/sin: the RoPE's tables, read at ``part.rows``);
+    the replacement computes each part into its rows of one output. The site's own recipe, x, perm,
+    weight and eps are its first part's (its interior: the RoPE, the concatenation and every part's
+    nodes)."""
+    parts: tuple[Site, ...] = ()
+
+    @property
+    def cat_dim(self) -> int:
+        return self.parts[0].rows.dim
+
+    def input_nodes(self) -> list[Node]:
+        nodes: list[Node] = []
+        for p in self.parts:
+            nodes += [n for n in p.input_nodes() if n not in nodes]
+        return nodes
+
+    def dead_after_replacement(self) -> list[Node]:
+        nodes = [*self.interior, *self.leaves]
+        for p in self.parts:
+            nodes += p.dead_after_replacement()
+        return nodes
+
+    def describe(self) -> str:
+        recipes = list(dict.fromkeys(p.describe() for p in self.parts))
+        return f"{' | '.join(recipes)} over a concatenation of {len(self.parts)} parts (dim {self.cat_dim})"
+
+    def pair_key(self):
+        lengths = tuple(str(p.rows.length) for p in self.parts)
+        return ("concat", self.cat_dim, lengths, tuple(p.pair_key() for p in self.parts))
+
+
+def check_interior(site_nodes: list[Node], anchor: Node) -> list[Node]:
+    """Every node of a site but its anchor is used only inside the site (else it must stay).
+    Returns the size reads of interior nodes that only the site uses (with dynamic shapes, a
+    ``sym_size`` of a concatenation that the RoPE's reshape takes): they belong to the interior too."""
     inside = set(site_nodes)
+    size_reads = [u for n in site_nodes for u in n.users
+                  if u not in inside and u.target is torch.ops.aten.sym_size.int and set(u.users) <= inside]
+    inside.update(size_reads)
     for n in site_nodes:
         if n is anchor:
             continue
@@ -183,6 +249,7 @@ def check_interior(site_nodes: list[Node], anchor: Node) -> None:
                               "backward; infer under torch.no_grad())")
             if u not in inside:
                 raise Refused(f"intermediate {n.name} has a user outside the chain ({u.name})")
+    return list(dict.fromkeys(size_reads))
 
 
 def require_static_head_dim(x: Node) -> None:

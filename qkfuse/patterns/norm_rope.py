@@ -25,12 +25,17 @@ from torch.fx import Node
 
 from ..ops.recipe import Recipe
 from . import canon, rms_norm, rope
-from .canon import dtype_of
-from .family import MatchContext, Refused, Site, check_interior, require_static_head_dim
+from .canon import dtype_of, is_op, static_int, tensor_val
+from .family import (ConcatSite, MatchContext, PartRows, Refused, Site, check_interior, require_static_head_dim,
+                     table_value)
 
-__all__ = ["FAMILY", "ROPE_ONLY_FAMILY", "NormRope", "Refused", "RopeOnly", "Site", "match_site"]
+aten = torch.ops.aten
+
+__all__ = ["CONCAT_FAMILY", "FAMILY", "ROPE_ONLY_FAMILY", "NormCatRope", "NormRope", "Refused", "RopeOnly", "Site",
+           "match_concat_site", "match_site"]
 
 FAMILY = "norm_rope"
+CONCAT_FAMILY = "norm_cat_rope"
 ROPE_ONLY_FAMILY = "rope"
 
 
@@ -74,6 +79,29 @@ def _norm_of(rows: canon.RowViews):
     return rms_norm.match_norm(rows.src), rows.nodes, None
 
 
+def _refuse_deinterleaved_after_norm(r) -> None:
+    if r.deinterleave_input:
+        raise Refused("DeepSeek's de-interleaved RoPE (apply_rotary_pos_emb_interleave) after a q/k norm: the "
+                      "recipe has it for RoPE alone (the norm's weight would be read in the permuted order)")
+
+
+def _norm_site(family: str, r, anchor: Node, perm: list[int], norm, views: list[Node], head_view) -> Site:
+    """The site of `norm` rotated by RoPE `r`; `perm` takes the norm input (after `head_view`) to the
+    RoPE's layout; `anchor` and the interior: the RoPE output's (norm_rope) or the part's (a
+    concatenation's input: the RoPE's nodes belong to the ConcatSite)."""
+    require_static_head_dim(norm.x)
+    n = len(perm)  # across heads: the heads are dim n - 2 of the head view; perm moves them
+    heads_dim = perm.index(n - 2) - n if head_view is not None else 0
+    # a weight with a row per head of the norm input's dim norm.heads_dim: that dim's place in the op input
+    weight_heads_dim = perm.index(n + norm.heads_dim) - n if norm.heads_dim else 0
+    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=heads_dim,
+                    weight_heads_dim=weight_heads_dim)
+    interior = [*(r.interior if anchor is r.anchor else ()), *views, *norm.interior]
+    check_interior(interior, anchor)
+    return Site(family, anchor, norm.x, perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
+                norm.leaves, split=head_view, bias=norm.bias)
+
+
 def match_site(add: Node) -> Site:
     """Read one RoPE output as a norm_rope site; raises Refused."""
     r = rope.match_rope(add)
@@ -81,21 +109,72 @@ def match_site(add: Node) -> Site:
     try:
         norm, views, head_view = _norm_of(rows)
     except Refused as e:
+        try:
+            _sequence_concat(r, rows)
+        except Refused:
+            pass
+        else:
+            raise Refused(f"RoPE input is a concatenation (e.g. text and image tokens): a {CONCAT_FAMILY} site",
+                          wrong_kind=True, site_of=CONCAT_FAMILY) from None
         raise Refused(_rotated_part_of_a_norm(rows.src) or str(e), wrong_kind=True) from None
-    if r.deinterleave_input:
-        raise Refused("DeepSeek's de-interleaved RoPE (apply_rotary_pos_emb_interleave) after a q/k norm: the "
-                      "recipe has it for RoPE alone (the norm's weight would be read in the permuted order)")
-    require_static_head_dim(norm.x)
-    n = len(rows.perm)  # across heads: the heads are dim n - 2 of the head view; perm moves them
-    heads_dim = rows.perm.index(n - 2) - n if head_view is not None else 0
-    # a weight with a row per head of the norm input's dim norm.heads_dim: that dim's place in the op input
-    weight_heads_dim = rows.perm.index(n + norm.heads_dim) - n if norm.heads_dim else 0
-    recipe = Recipe(**norm.recipe_part(), **r.recipe_part(), norm_heads_dim=heads_dim,
-                    weight_heads_dim=weight_heads_dim)
-    interior = [*r.interior, *views, *norm.interior]
-    check_interior(interior, r.anchor)
-    return Site(FAMILY, r.anchor, norm.x, rows.perm, norm.weight, norm.eps, r.cos, r.sin, recipe, interior,
-                norm.leaves, split=head_view, bias=norm.bias)
+    _refuse_deinterleaved_after_norm(r)
+    return _norm_site(FAMILY, r, r.anchor, rows.perm, norm, views, head_view)
+
+
+def _sequence_concat(r, rows: canon.RowViews) -> tuple[int, int, int]:
+    """(dim, its place in the RoPE's layout, the cos/sin dim it is) of the concatenation the RoPE's rows
+    are (``rows.src``), when it joins positions: a dim the tables vary along (Flux's text and image
+    tokens). Else Refused, wrong_kind: a concatenation of heads (StableLM's per-head norms) is no
+    such site (one launch per head would not pay)."""
+    cat, op_rank = rows.src, len(rows.perm)
+    if not is_op(cat, aten.cat):
+        raise Refused("the RoPE input is not a concatenation", wrong_kind=True)
+    dim = canon.norm_dim(cat.args[1] if len(cat.args) > 1 else 0, op_rank)
+    if dim == op_rank - 1:
+        raise Refused("a concatenation along head_dim, not of positions", wrong_kind=True)
+    op_dim = rows.perm.index(dim)
+    for v in (table_value(r.cos), table_value(r.sin)):
+        td = None if v is None else op_dim - (op_rank - v.dim())
+        if td is not None and td >= 0 and static_int(v.shape[td]) != 1:
+            return dim, op_dim, td
+    raise Refused("a concatenation along a dim the cos/sin tables broadcast over (not of positions)",
+                  wrong_kind=True)
+
+
+def _concat_of_norms(r, rows: canon.RowViews):
+    """([(cat input, its RowViews, (norm, views, head view))], dim, op dim, table dim) of a concatenation
+    of positions (_sequence_concat) whose every part is a norm output; raises Refused."""
+    dim, op_dim, table_dim = _sequence_concat(r, rows)
+    parts = []
+    for i, part in enumerate(rows.src.args[0]):
+        try:
+            part_rows = _rows_of(part)
+            parts.append((part, part_rows, _norm_of(part_rows)))
+        except Refused as e:
+            raise Refused(f"part {i} of the concatenation before the RoPE: {e}") from None
+    return parts, dim, op_dim, table_dim
+
+
+def match_concat_site(add: Node) -> ConcatSite:
+    """Read one RoPE output whose input is a concatenation of norm outputs as a norm_cat_rope site."""
+    r = rope.match_rope(add)
+    rows = _rows_of(r.src)
+    parts, dim, op_dim, table_dim = _concat_of_norms(r, rows)
+    _refuse_deinterleaved_after_norm(r)
+    sites, start = [], 0
+    for part, part_rows, (norm, views, head_view) in parts:
+        # the part in the RoPE's layout: part == norm_out.permute(part_rows.perm), r.src == cat.permute(rows.perm)
+        perm = [part_rows.perm[j] for j in rows.perm]
+        site = _norm_site(FAMILY, r, part, perm, norm, views, head_view)
+        length = tensor_val(part).shape[dim]
+        site.rows = PartRows(op_dim, start, length, table_dim)
+        start = start + length
+        sites.append(site)
+    first = sites[0]
+    interior = [*r.interior, *rows.nodes, rows.src, *(n for s in sites for n in s.interior)]
+    interior += check_interior(interior, r.anchor)
+    return ConcatSite(CONCAT_FAMILY, r.anchor, first.x, first.perm, first.weight, first.eps, r.cos, r.sin,
+                      first.recipe, interior, [], parts=tuple(sites))
 
 
 class NormRope:
@@ -109,6 +188,13 @@ class NormRope:
         return match_site(candidate)
 
 
+class NormCatRope(NormRope):
+    name = CONCAT_FAMILY
+
+    def match(self, candidate: Node, ctx: MatchContext) -> Site:
+        return match_concat_site(candidate)
+
+
 class RopeOnly(NormRope):
     name = ROPE_ONLY_FAMILY
 
@@ -116,14 +202,14 @@ class RopeOnly(NormRope):
         r = rope.match_rope(candidate)
         rows = _rows_of(r.src)
         y = rows.src
-        try:
-            _norm_of(rows)  # per head, or across heads
-        except Refused:
-            pass
-        else:
-            disabled = "" if FAMILY in ctx.families else f", and family {FAMILY!r} is disabled"
-            raise Refused(f"a q/k norm feeds this RoPE: a {FAMILY} site{disabled}", wrong_kind=True,
-                          site_of=FAMILY)
+        for family, reader in ((FAMILY, _norm_of), (CONCAT_FAMILY, lambda rv: _concat_of_norms(r, rv))):
+            try:
+                reader(rows)  # a norm per head or across heads; a concatenation of norm outputs
+            except Refused:
+                continue
+            disabled = "" if family in ctx.families else f", and family {family!r} is disabled"
+            raise Refused(f"a q/k norm feeds this RoPE: a {family} site{disabled}", wrong_kind=True,
+                          site_of=family)
         require_static_head_dim(y)
         recipe = Recipe(norm="none", norm_dtype=dtype_of(y), **r.recipe_part())
         interior = [n for n in (*r.interior, *rows.nodes) if n is not y]

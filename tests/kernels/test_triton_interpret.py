@@ -1070,3 +1070,39 @@ def test_bases_are_read_as_the_views(interp, with_bias):
     assert all(torch.equal(a, b) for a, b in zip(views, based))
     ref = norm_rope_reference(k, kw, cos, sin, 1e-6, recipe, bias=biases.get("k_bias"))
     assert float((based[1] - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_parts_write_their_rows_of_one_output(interp, interleaved):
+    """What the compiled path does for norms concatenated before the RoPE (launchers.py): one launch
+    per part, each given views of the whole outputs and of the whole cos/sin at its rows (out=, with
+    the whole tensors as bases: pointer + element offset). The whole output is bit for bit the
+    concatenation of the parts launched on their own (with their tables' rows copied out), and the
+    rows of no other part are touched."""
+    g = torch.Generator().manual_seed(22)
+    D = 16
+    recipe = Recipe("rms", 0.0, True, torch.float32, torch.float32, torch.bfloat16, 16, interleaved)
+    lengths = (3, 5)
+    qs = [torch.randn(2, n, 4, D, generator=g).bfloat16() for n in lengths]
+    ks = [torch.randn(2, n, 2, D, generator=g).bfloat16() for n in lengths]
+    ang = torch.rand(sum(lengths), D // 2, generator=g) * 6.3
+    cos_base, sin_base = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cos, sin = cos_base[None, :, None], sin_base[None, :, None]  # [1, S, 1, D]
+    qws = [1 + 0.3 * torch.randn(D, generator=g) for _ in lengths]
+    kws = [1 + 0.3 * torch.randn(D, generator=g) for _ in lengths]
+    q_out = torch.full((2, sum(lengths), 4, D), float("nan"), dtype=torch.bfloat16)
+    k_out = torch.full((2, sum(lengths), 2, D), float("nan"), dtype=torch.bfloat16)
+    alone = []
+    start = 0
+    for q, k, qw, kw, n in zip(qs, ks, qws, kws, lengths):
+        c, s = cos.narrow(1, start, n), sin.narrow(1, start, n)
+        views = (q_out.narrow(1, start, n), k_out.narrow(1, start, n))
+        written = interp.launch(q, k, qw, kw, c, s, 1e-6, 1e-5, recipe, out=views,
+                                bases={"q_out": q_out, "k_out": k_out, "cos": cos_base, "sin": sin_base})
+        assert all(w is v for w, v in zip(written, views))
+        if start == 0:  # the later part's rows are not written yet
+            assert bool(q_out[:, n:].isnan().all()) and bool(k_out[:, n:].isnan().all())
+        alone.append(interp.launch(q, k, qw, kw, c.contiguous(), s.contiguous(), 1e-6, 1e-5, recipe))
+        start += n
+    assert torch.equal(q_out, torch.cat([a[0] for a in alone], 1))
+    assert torch.equal(k_out, torch.cat([a[1] for a in alone], 1))  # (launches on their own: tested above)
