@@ -44,6 +44,13 @@ class _Inputs:
                 self.nodes.append(node)
             self.names[name] = self.nodes.index(node)
 
+    def add_site(self, tag: str, s):
+        """A site's x, weight, bias and tensor eps as <tag>_x, <tag>_weight, <tag>_bias, <tag>_eps_t."""
+        self.add(f"{tag}_x", s.x)
+        self.add_param(f"{tag}_weight", s.weight)
+        self.add_param(f"{tag}_bias", s.bias)
+        self.add(f"{tag}_eps_t", _eps_parts(s.eps)[1])
+
     def add_param(self, name: str, param):
         """A weight or bias: one node, or one node per head (stacked into [H, D] by `bind`)."""
         if isinstance(param, tuple):
@@ -107,10 +114,7 @@ def launcher(kernel: str, group: tuple[Site, ...]):
     for tag, s in (("q", q), ("k", k)):
         if s is None:
             continue
-        ins.add(f"{tag}_x", s.x)
-        ins.add_param(f"{tag}_weight", s.weight)
-        ins.add_param(f"{tag}_bias", s.bias)
-        ins.add(f"{tag}_eps_t", _eps_parts(s.eps)[1])
+        ins.add_site(tag, s)
         if s.cache is not None:
             ins.add("cache", s.cache.cache)
             ins.add("index", s.cache.index)
@@ -217,16 +221,15 @@ def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
     for i in range(n_parts):
         for tag, s in (("q", q), ("k", k)):
             if s is not None:
-                p = s.parts[i]
-                ins.add(f"{tag}{i}_x", p.x)
-                ins.add_param(f"{tag}{i}_weight", p.weight)
-                ins.add_param(f"{tag}{i}_bias", p.bias)
-                ins.add(f"{tag}{i}_eps_t", _eps_parts(p.eps)[1])
+                ins.add_site(f"{tag}{i}", s.parts[i])
     ins.add_table("cos", q.cos)
     ins.add_table("sin", q.sin)
     dim = q.cat_dim
     out_dtype = q.recipe.out_dtype
     strides = tuple(None if s is None else _dense_strides_of(s.anchor) for s in (q, k))
+    # per part: (q's, k's) float eps (a tensor eps is read from the call's tensors)
+    float_eps = [tuple(_eps_parts(s.parts[i].eps)[0] if s is not None else 0.0 for s in (q, k))
+                 for i in range(n_parts)]
 
     def part_call(t: dict, i: int, start, length) -> dict:
         """Part i's tensors under the names of one (q, k) call: x, weights, biases, eps, its cos/sin rows."""
@@ -252,9 +255,8 @@ def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
         if kernel != "triton":
             outs = []
             for i, (qx, kx) in enumerate(xs):
-                p = q.parts[i]
-                eps = [_eps_parts(s.parts[i].eps)[0] if s is not None else 0.0 for s in (q, k)]
-                outs.append(_unfused_call(kernel, part_call(t, i, starts[i], lengths[i]), qx, kx, p.recipe, *eps))
+                outs.append(_unfused_call(kernel, part_call(t, i, starts[i], lengths[i]), qx, kx, q.parts[i].recipe,
+                                          *float_eps[i]))
             qo = torch.cat([o[0] for o in outs], dim)
             return (qo,) if k is None else (qo, torch.cat([o[1] for o in outs], dim))
         from ..kernels import triton_norm_rope as tk
@@ -277,9 +279,8 @@ def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
                                                       for name in ("cos", "sin")}}
             if k is not None:
                 bases.update(k=t[f"k{i}_x"], k_out=ko)
-            eps = [_eps_parts(s.parts[i].eps)[0] if s is not None else 0.0 for s in (q, k)]
             eps = [e if f"{tag}_eps_t" not in named else named[f"{tag}_eps_t"].item()
-                   for e, tag in zip(eps, ("q", "k"))]
+                   for e, tag in zip(float_eps[i], ("q", "k"))]
             tk.launch(qx, kx, named.get("q_weight"), named.get("k_weight"), named["cos"], named["sin"], *eps,
                       p.recipe, traceable=True, out=views, bases=bases, q_bias=named.get("q_bias"),
                       k_bias=named.get("k_bias"))
