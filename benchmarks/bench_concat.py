@@ -1,6 +1,6 @@
 """Norms concatenated before the RoPE (the norm_cat_rope family: Flux's double-stream blocks) on the
-GPU: Inductor alone against the pass with kernels="triton" (kernels="auto" holds the family until
-measured), by device time.
+GPU: Inductor alone against the pass with kernels="triton" (what kernels="auto" picks since this
+benchmark ran), by device time.
 
     python benchmarks/bench_concat.py [--out DIR]
 

@@ -1,5 +1,5 @@
 """DeepSeek's de-interleaved RoPE (Recipe.deinterleave_input) on the GPU: Inductor alone against the
-pass with kernels="triton" (kernels="auto" holds this mode until measured), by device time.
+pass with kernels="triton" (what kernels="auto" picks since this benchmark ran), by device time.
 
     python benchmarks/bench_deinterleave.py [--out DIR]
 

@@ -229,13 +229,13 @@ ACROSS = [  # a norm across heads (measured 2026-12-02: kernels="auto" fuses it)
     Case("across 4k, OLMoE 16/16", 4096, 16, 16, 128, "across", group="across"),
     Case("across 4k, MiniMax-M2 48/8", 4096, 48, 8, 128, "across", group="across"),
 ]
-LAYER = [  # LayerNorm q/k norms: under kernels="auto" left to Inductor until these are measured
+LAYER = [  # LayerNorm q/k norms (kernels="auto" was held until these measured it)
     Case("layer decode 64, Persimmon-8B 64/64 x64", 64, 64, 64, 64, "layer", rd=32, group="layer"),
     Case("layer 4k, Persimmon-8B 64/64 x64", 4096, 64, 64, 64, "layer", rd=32, group="layer"),
     Case("layer 4k, Phi-2 32/32 x80", 4096, 32, 32, 80, "layer", rd=32, group="layer"),
     Case("layer 32k, Phi-2 32/32 x80", 32768, 32, 32, 80, "layer", rd=32, group="layer"),
 ]
-WAN = [  # Wan's half tables (one cos/sin per pair): under kernels="auto" left to Inductor until measured
+WAN = [  # Wan's half tables (one cos/sin per pair; kernels="auto" was held until these measured it)
     Case("wan 4k, Wan2.1-14B 40x128", 4096, 40, 40, 128, "wan", group="wan"),
     Case("wan 32k, Wan2.1-14B 40x128", 32768, 40, 40, 128, "wan", group="wan"),
     Case("wan 4k, Wan2.1-1.3B 12x128", 4096, 12, 12, 128, "wan", group="wan"),
@@ -288,7 +288,7 @@ def timed(fn, args):
 
 def variants(fn, with_flashinfer, form="qwen3"):
     qk = qkfuse.qkfuse_backend
-    # kernels="auto" leaves LayerNorm and half-table sites to Inductor until measured: measure the kernel
+    # the Triton kernel itself, as when these rows decided the policy
     opts = {"qkfuse.kernels": "triton"} if form in ("layer", "wan") else None
     # (torch.compile refuses mode= with options=; qkfuse.fuse merges them)
     v = {

@@ -13,8 +13,11 @@
   norm (Persimmon, Phi: 2.0x-3.1x device time at 64 to 32k tokens,
   benchmarks/results/2026-12-02-h200-layer.md); so is half_table RoPE (Wan's pair rotation,
   QwenImage's complex multiply: 1.96x-2.88x device time at Wan2.1's shapes, 4k and 32k tokens,
-  benchmarks/results/2026-12-02-h200-wan.md). Held: de-interleaved RoPE (DeepSeek's
-  apply_rotary_pos_emb_interleave, Recipe.deinterleave_input), not yet measured.
+  benchmarks/results/2026-12-02-h200-wan.md); so is de-interleaved RoPE (DeepSeek's
+  apply_rotary_pos_emb_interleave, Recipe.deinterleave_input: 1.14x-2.87x device time from 64 to 8k
+  tokens, benchmarks/results/2026-12-02-h200-deinterleave.md); so are norms concatenated before the
+  RoPE (norm_cat_rope, Flux's double-stream blocks: 2.6x-3.1x on the q/k block, 1.04x-1.32x on the
+  attention block, benchmarks/results/2026-12-02-h200-concat.md).
 """
 
 from __future__ import annotations
@@ -29,13 +32,6 @@ from ..ops.recipe import Recipe
 from . import KernelUnavailable
 
 KERNEL_CHOICES = ("auto", "triton", "flashinfer", "reference", "inline")
-DEINTERLEAVE_UNMEASURED = ("de-interleaved RoPE (deinterleave_input: DeepSeek's apply_rotary_pos_emb_interleave, "
-                           "the pairs of x rotated into halves): the Triton kernel's mode for it is not yet "
-                           "measured against Inductor on a GPU")
-
-CONCAT_UNMEASURED = ("norms concatenated before the RoPE (norm_cat_rope: one launch per part, each writing "
-                     "its rows of the output): not yet measured against Inductor on a GPU")
-
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
@@ -61,10 +57,8 @@ def _measured() -> dict:
 def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor | None,
            recipe: Recipe, tensor_eps: bool = False, sin: torch.Tensor | None = None,
            q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
-           concat_part: bool = False) -> tuple[str | None, str]:
-    """(kernel or None, note). None means: leave the site unfused, note says why. `concat_part`: q and k
-    are one part of a concatenation, written into their rows of the whole output."""
+           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None) -> tuple[str | None, str]:
+    """(kernel or None, note). None means: leave the site unfused, note says why."""
     if preference not in KERNEL_CHOICES:
         raise ValueError(f"qkfuse.kernels must be one of {KERNEL_CHOICES}, got {preference!r}")
     device = q.device.type
@@ -91,13 +85,6 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    if concat_part and preference == "auto":
-        return None, (f"{CONCAT_UNMEASURED}; site left to Inductor "
-                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
-    if recipe.deinterleave_input and preference == "auto":
-        # Fuse only where it is measured to win: this mode has no GPU benchmark against Inductor yet
-        return None, (f"{DEINTERLEAVE_UNMEASURED}; site left to Inductor "
-                      "(qkfuse.kernels='triton' fuses it, checked against the reference only)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 

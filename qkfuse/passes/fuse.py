@@ -294,7 +294,7 @@ def _choose(group, options: Options):
         options.kernels, vals[0], vals[1] if k is not None else None, cos, q.recipe,
         any(isinstance(s.eps, torch.fx.Node) for s in group), sin, q.param_value("weight"),
         None if k is None else k.param_value("weight"), q.param_value("bias"),
-        None if k is None else k.param_value("bias"), concat_part=q.rows is not None)
+        None if k is None else k.param_value("bias"))
 
 
 def _cache_write(site: Site, order: dict, taken: set, options: Options):
