@@ -12,8 +12,8 @@ from . import patterns
 from .kernels.policy import KERNEL_CHOICES
 
 PREFIX = "qkfuse."
-FAMILIES = tuple(f.name for f in patterns.FAMILIES)  # "norm_rope", "norm_cat_rope", "rope", "norm"
-DEFAULT_FAMILIES = ("norm_rope", "norm_cat_rope")  # "rope" and "norm" are opt-in (see their docstrings)
+FAMILIES = tuple(f.name for f in patterns.FAMILIES)  # "norm_rope", "norm_cat_rope", "norm_slice_rope", ...
+DEFAULT_FAMILIES = ("norm_rope", "norm_cat_rope", "norm_slice_rope")  # "rope" and "norm" are opt-in (see their docstrings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -369,7 +369,7 @@ def qk_norm_rope_kernel(
     c_so, c_si, c_sh, s_so, s_si, s_sh,
     v_ptr, vo_ptr, idx_ptr, v_so, v_si, v_sh, vo_so, vo_si, vo_sh,
     idx_stride, cache_len, o_seq, vo_seq, qb_ptr, kb_ptr, c_sd, s_sd,
-    qo_off, ko_off, c_off, s_off,
+    qo_off, ko_off, c_off, s_off, q_off, k_off,
     HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     TAIL_CHUNK: tl.constexpr, N_TAIL: tl.constexpr,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
@@ -394,12 +394,15 @@ def qk_norm_rope_kernel(
     the weights); W_ROWS: weight and bias have a row per head (ACROSS's [heads * head_dim], or an
     [H, D] weight of a per-head norm: Cohere, StableLM).
 
-    qo_off/ko_off/c_off/s_off: element offsets of the rows this launch reads or writes in the
-    buffers passed as qo_ptr/ko_ptr/cos_ptr/sin_ptr (one part of a concatenation: its rows of the
-    whole output and of the cos/sin table; 0 otherwise)."""
+    qo_off/ko_off/c_off/s_off/q_off/k_off: element offsets of the rows this launch reads or writes in
+    the buffers passed as qo_ptr/ko_ptr/cos_ptr/sin_ptr/q_ptr/k_ptr (one part of a concatenation:
+    its rows of the whole output, of the cos/sin table, of the one input it slices; 0 otherwise)."""
     pid = tl.program_id(0)
     cos_ptr += c_off
     sin_ptr += s_off
+    q_ptr += q_off
+    if HAS_K:
+        k_ptr += k_off
     pid_t = pid // head_blocks
     pid_h = pid % head_blocks
     # A tile that cannot run (no k, no v) sits under a constexpr if and is not compiled at all, so
@@ -962,13 +965,14 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
     if kernel is None:
         kernel = torch.library.wrap_triton(qk_norm_rope_kernel) if traceable else qk_norm_rope_kernel
     # a dummy pointer (an input the kernel does not read) is q's base: no view for Inductor to build
-    dummy = bases.get("q", q)
+    dummy, q_off = _pointer(bases, "q", q)
+    k_ptr, k_off = _pointer(bases, "k", k)
     qo_ptr, qo_off = _pointer(bases, "q_out", q_out)
     ko_ptr, ko_off = _pointer(bases, "k_out", k_out)
     cos_ptr, c_off = (dummy, 0) if cos is None else _pointer(bases, "cos", cos)
     sin_ptr, s_off = (dummy, 0) if sin is None else _pointer(bases, "sin", sin)
     kernel[grid](
-        dummy, bases.get("k", k), qo_ptr, ko_ptr,
+        dummy, k_ptr, qo_ptr, ko_ptr,
         q_weight if has_weight else dummy, (k_weight if k_weight is not None else q_weight) if has_weight else dummy,
         cos_ptr, sin_ptr,
         _eps_arg(q_eps), _eps_arg(k_eps),
@@ -982,7 +986,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         # (a dummy pointer without a bias, as for the weights)
         q_bias if has_bias else dummy, (k_bias if k_bias is not None else q_bias) if has_bias else dummy,
         *((cos.stride(-1), sin.stride(-1)) if half_table else (1, 1)),
-        qo_off, ko_off, c_off, s_off,
+        qo_off, ko_off, c_off, s_off, q_off, k_off,
         HEAD_DIM=head_dim,
         ROT_DIM=rd,
         HALF_PAD=_next_pow2(max(rd // 2, 1)),

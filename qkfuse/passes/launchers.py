@@ -240,7 +240,7 @@ def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
                     named[f"{tag}_{name}"] = t[f"{tag}{i}_{name}"]
         rows = q.parts[i].rows
         for name in ("cos", "sin"):
-            table = t.get(name)
+            table = t.get(name) if q.parts[i].recipe.rotary_dim else None  # (a part left unrotated)
             if table is not None and rows.table_dim is not None:
                 table = table.narrow(rows.table_dim, start, length)
             named[name] = table
@@ -274,7 +274,8 @@ def _concat_launcher(kernel: str, group: tuple[ConcatSite, ...]):
             p = q.parts[i]
             named = part_call(t, i, starts[i], lengths[i])
             views = tuple(None if o is None else o.narrow(dim, starts[i], lengths[i]) for o in (qo, ko))
-            # the whole tables and outputs as the kernel's pointers, this part's rows at an offset
+            # the whole inputs, tables and outputs as the kernel's pointers, this part's rows at an
+            # offset (a part of a norm_slice_rope site reads its rows of the one norm input)
             bases = {"q": t[f"q{i}_x"], "q_out": qo, **{name: t.get(f"{name}#base", t.get(name))
                                                       for name in ("cos", "sin")}}
             if k is not None:

@@ -379,6 +379,99 @@ def merges_last_two_dims(n) -> bool:
         same_int(a, b) for a, b in zip(sv.shape[:-2], nv.shape[:-1]))
 
 
+# ---- slices of a leading dim (rows of the sequence) -------------------------------------------
+
+_END = 2**62  # a slice end at or past this is "to the end" (Dynamo writes sys.maxsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSlice:
+    """``src[(:,) * dim, start:end]`` along a leading dim, step 1. start and end are static ints as
+    written (negative: from the end, Python's rule); end None: to the end."""
+    src: Node
+    dim: int
+    start: int
+    end: int | None
+
+    def key(self) -> slice:
+        return slice(self.start, self.end)
+
+
+def _row_bounds(src, dim, start, end, step) -> tuple[int, int, int | None] | None:
+    nd = ndim_of(src)
+    if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) == nd - 1 or static_int(step) != 1:
+        return None
+    start = 0 if start is None else static_int(start)
+    if start is None:
+        return None
+    if end is not None:
+        end = static_int(end)
+        if end is None:  # a symbolic end
+            return None
+        end = None if end >= _END else end
+    return norm_dim(dim, nd), start, end
+
+
+def row_slice(n) -> RowSlice | None:
+    """Read ``aten.slice`` along a leading dim with step 1 and static bounds (``q[:, :-T]``)."""
+    if not is_op(n, aten.slice):
+        return None
+    a = [*n.args[1:], *[None] * 4][:4]
+    dim = a[0] if a[0] is not None else n.kwargs.get("dim", 0)
+    bounds = _row_bounds(n.args[0], dim, a[1] if a[1] is not None else n.kwargs.get("start"),
+                         a[2] if a[2] is not None else n.kwargs.get("end"),
+                         a[3] if a[3] is not None else n.kwargs.get("step", 1))
+    return None if bounds is None else RowSlice(n.args[0], *bounds)
+
+
+@dataclasses.dataclass(frozen=True)
+class AssembledPart:
+    """One part of a tensor assembled along a leading dim: the node `value` (a concatenation's
+    input, a value written by slice assignment), or, when value is None, rows [start:end] of
+    `rows_of` (what a slice assignment leaves of its target)."""
+    value: Node | None
+    rows_of: Node | None = None
+    start: int = 0
+    end: int | None = None
+
+
+def assembled_rows(n) -> tuple[int, list[AssembledPart], list[Node]] | None:
+    """(dim, parts in order, the assembly's own nodes) for a tensor put together along a leading dim:
+    ``cat([a, b, ...], dim)``, or a slice assignment ``x[:, :, T:] = v`` as post-grad writes it,
+    ``slice_scatter(x, copy(slice(x, dim, T, end), v), dim, T, end)`` (the copy may be absent): read
+    as the concatenation of x's rows before T, v, and x's rows after end. Else None."""
+    if is_op(n, aten.cat):
+        nd = ndim_of(n)
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if nd is None or not isinstance(dim, int) or norm_dim(dim, nd) == nd - 1:
+            return None
+        return norm_dim(dim, nd), [AssembledPart(v) for v in n.args[0]], [n]
+    if not is_op(n, aten.slice_scatter):
+        return None
+    base, written = n.args[0], n.args[1]
+    a = [*n.args[2:], *[None] * 4][:4]
+    bounds = _row_bounds(base, a[0] if a[0] is not None else n.kwargs.get("dim", 0),
+                         a[1] if a[1] is not None else n.kwargs.get("start"),
+                         a[2] if a[2] is not None else n.kwargs.get("end"),
+                         a[3] if a[3] is not None else n.kwargs.get("step", 1))
+    if bounds is None:
+        return None
+    dim, start, end = bounds
+    value, nodes = written, [n]
+    if is_op(written, aten.copy) and not written.kwargs.get("non_blocking", False):
+        target = row_slice(written.args[0])
+        # (functionalization may view the target twice: two equal permutes of one tensor)
+        if target is None or (target.dim, target.start, target.end) != bounds or (
+                target.src is not base and data_identity(target.src) != data_identity(base)):
+            return None
+        value, nodes = written.args[1], [n, written, written.args[0]]
+    parts = [AssembledPart(None, base, 0, start)] if start != 0 else []
+    parts.append(AssembledPart(value))
+    if end is not None:
+        parts.append(AssembledPart(None, base, end, None))
+    return dim, parts, nodes
+
+
 # ---- views that keep rows intact ------------------------------------------------------------
 
 

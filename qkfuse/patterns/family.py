@@ -118,9 +118,16 @@ class Site:
     # one node per head (StableLM's LayerNorm per head): the op gets them stacked, [H, D]
     bias: Node | tuple[Node, ...] | None = None
     rows: PartRows | None = None  # a part of a ConcatSite: where its rows lie in the whole
+    # (dim, slice): the site reads only these rows of x along x's leading dim `dim` (a part of a
+    # norm_slice_rope site: HunyuanVideo's RoPE on q[:, :-T] of one norm output)
+    x_rows: tuple[int, slice] | None = None
 
     def op_input(self, x):
         """The fused op's input from x (a tensor: a traced one or x's meta value)."""
+        if self.x_rows is not None:
+            dim, rows = self.x_rows
+            # (aten.slice, not indexing: Python indexing of a fake CUDA tensor outside its mode fails)
+            x = torch.ops.aten.slice(x, dim, rows.start or 0, rows.stop)
         if self.split is not None:
             x = x.unflatten(-1, self.split)
         return x.permute(self.perm)

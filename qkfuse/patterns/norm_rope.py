@@ -116,6 +116,11 @@ def match_site(add: Node) -> Site:
         else:
             raise Refused(f"RoPE input is a concatenation (e.g. text and image tokens): a {CONCAT_FAMILY} site",
                           wrong_kind=True, site_of=CONCAT_FAMILY) from None
+        from .norm_slice_rope import FAMILY as SLICE_FAMILY, rotated_row_slice
+
+        if rotated_row_slice(r) is not None:
+            raise Refused(f"RoPE on a slice of a norm output's rows (e.g. image tokens before text ones): a "
+                          f"{SLICE_FAMILY} site", wrong_kind=True, site_of=SLICE_FAMILY) from None
         raise Refused(_rotated_part_of_a_norm(rows.src) or str(e), wrong_kind=True) from None
     _refuse_deinterleaved_after_norm(r)
     return _norm_site(FAMILY, r, r.anchor, rows.perm, norm, views, head_view)
@@ -202,9 +207,16 @@ class RopeOnly(NormRope):
         r = rope.match_rope(candidate)
         rows = _rows_of(r.src)
         y = rows.src
-        for family, reader in ((FAMILY, _norm_of), (CONCAT_FAMILY, lambda rv: _concat_of_norms(r, rv))):
+        from .norm_slice_rope import FAMILY as SLICE_FAMILY, rotated_row_slice
+
+        def slice_of_a_norm(rv):
+            if rotated_row_slice(r) is None:
+                raise Refused("not a slice of a norm output")
+
+        for family, reader in ((FAMILY, _norm_of), (CONCAT_FAMILY, lambda rv: _concat_of_norms(r, rv)),
+                               (SLICE_FAMILY, slice_of_a_norm)):
             try:
-                reader(rows)  # a norm per head or across heads; a concatenation of norm outputs
+                reader(rows)  # a norm per head or across heads; a concatenation of norm outputs; a slice
             except Refused:
                 continue
             disabled = "" if family in ctx.families else f", and family {family!r} is disabled"
