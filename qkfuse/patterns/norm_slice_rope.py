@@ -26,7 +26,7 @@ from ..ops.recipe import Recipe
 from . import canon, rope
 from .canon import dtype_of, static_int, tensor_val
 from .family import ConcatSite, MatchContext, PartRows, Refused, Site, check_interior, require_static_head_dim
-from .norm_rope import _norm_of, _rows_of
+from .norm_rope import _norm_of
 
 FAMILY = "norm_slice_rope"
 
