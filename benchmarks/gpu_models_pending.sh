@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole-model rows issue 6 still owes at full depth, split into device calls of under 10 minutes:
-#   run(command="bash benchmarks/gpu_models_pending.sh A", timeout_s=600)   # then B, then C
+#   run(command="bash benchmarks/gpu_models_pending.sh A", timeout_s=600)   # then B, C, D
 # Each writes <tag>.{json,md,png} to $OUT; merge them with
 #   python benchmarks/bench_models.py --render <the JSONs> --tag <date>-h200-models-36l
 set -uo pipefail
@@ -12,5 +12,6 @@ case "${1:-A}" in
   A) $BENCH --budget 540 --models qwen3 --layers 36 --cases generate,fn64 --batches 1,16,64 --tag qwen3-36l-generate ;;  # ~420 s
   B) $BENCH --budget 280 --models qwen3 --layers 36 --cases decode_eager,decode_graph --batches 16 --tag qwen3-36l-decode \
        && $BENCH --models flux --cases prefill_graph --shapes 1x32768,1x4096,8x512 --budget 250 --tag flux-prefill ;;
+  D) $BENCH --budget 540 --models qwen3 --layers 36 --cases prefill,decode_eager --shapes 1x32768 --batches 1 --tag qwen3-36l-32k ;;
   C) $BENCH --budget 540 --models gemma3 --cases prefill_graph,decode_graph --shapes 1x4096,8x512 --batches 1,16,64 --tag gemma3 ;;
 esac

@@ -2,18 +2,12 @@
 # The device checks still owed, in one call (GPU time is scarce; a machine takes minutes to start):
 #   run(command="bash benchmarks/gpu_pending.sh", timeout_s=600)
 # Outputs go to $OUT (at most 8 files come back) and are committed under benchmarks/results/.
-# Owed after the third device session of 2026-12-02 (benchmarks/results/2026-12-02-h200-checks-3.md):
-# - the 64-token compiled call after the launcher passes the graph's buffers (no reinterpret_tensor
-#   per launch): diag_fn64_code.py, then bench_models.py --cases fn64;
-# - the GPU tests on that launcher (decode codegen and cache writes first);
-# - DeepSeek's de-interleaved RoPE (Recipe.deinterleave_input): tests/gpu/test_deinterleave_gpu.py (in
-#   the GPU tests below), and in a call of its own its device time against Inductor
-#   (python benchmarks/bench_deinterleave.py --out $OUT), which decides the policy's hold under
-#   kernels="auto"; neither has run on a GPU yet.
-# - norms concatenated before the RoPE (norm_cat_rope, Flux's double-stream blocks: one launch per
-#   part into one output): tests/gpu/test_concat_gpu.py (in the GPU tests below), and in a call of its
-#   own with the deinterleave benchmark (bash benchmarks/gpu_pending.sh bench) its device time against
-#   Inductor, which decides the policy's hold of that family under kernels="auto".
+# Owed after the last device session of 2026-12-02 (H100: benchmarks/results/2026-12-02-h100-*-4.*):
+# - RoPE on a slice of a norm output's rows (norm_slice_rope: HunyuanVideo's cat, CogView4's slice
+#   assignment; one launch per part reading its rows of the one input): tests/gpu/test_slice_gpu.py (in
+#   the GPU tests below) and its device time against Inductor (benchmarks/bench_slice.py, in the same
+#   call), which decides whether kernels="auto" keeps fusing it on CUDA;
+# - issue 6's whole-model rows on the H200 again: bash benchmarks/gpu_models_pending.sh A, then D.
 set -uo pipefail
 OUT=${OUT:-/tmp/qkfuse-out}
 mkdir -p "$OUT"
@@ -28,10 +22,9 @@ if [ "${1:-}" = bench ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
-# 1. The fn64 code and profile, then the GPU tests (the export test last, it skips where torch alone cannot).
-timeout 120 python benchmarks/diag_fn64_code.py 2>&1 | grep -v "Warning\|warn" | tail -40 >> "$L"
+# 1. The GPU tests (the export test last, it skips where torch alone cannot), then bench_slice.
 timeout 260 python -m pytest -q -m gpu tests/gpu -p no:cacheprovider -p no:logging --tb=short -rfE \
   -k "not fuzz_error" > /tmp/gpu-tests.txt 2>&1; echo "rc $?" >> /tmp/gpu-tests.txt
 grep -v DEBUG /tmp/gpu-tests.txt | tail -200 > "$OUT/gpu-tests.txt"; tail -3 "$OUT/gpu-tests.txt" | tee -a "$L"
-timeout 90 python benchmarks/bench_models.py --cases fn64 --out /tmp/bm --tag fn64 2>&1 | grep "fn64" | tail -3 >> "$L"
+timeout 280 python benchmarks/bench_slice.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 >> "$L"
 tail -60 "$L"
