@@ -7,6 +7,9 @@
 #   assignment; one launch per part reading its rows of the one input): tests/gpu/test_slice_gpu.py (in
 #   the GPU tests below) and its device time against Inductor (benchmarks/bench_slice.py, in the same
 #   call), which decides whether kernels="auto" keeps fusing it on CUDA;
+# - RoPE then norm (rope_norm: Llama4, HunYuan; Recipe.rope_first): tests/gpu/test_rope_norm_gpu.py and
+#   benchmarks/bench_rope_norm.py (in the same call), which decides whether kernels="auto" fuses it
+#   on CUDA (held until then);
 # - issue 6's whole-model rows on the H200 again: bash benchmarks/gpu_models_pending.sh A, then D.
 set -uo pipefail
 OUT=${OUT:-/tmp/qkfuse-out}
@@ -26,5 +29,6 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 timeout 260 python -m pytest -q -m gpu tests/gpu -p no:cacheprovider -p no:logging --tb=short -rfE \
   -k "not fuzz_error" > /tmp/gpu-tests.txt 2>&1; echo "rc $?" >> /tmp/gpu-tests.txt
 grep -v DEBUG /tmp/gpu-tests.txt | tail -200 > "$OUT/gpu-tests.txt"; tail -3 "$OUT/gpu-tests.txt" | tee -a "$L"
-timeout 280 python benchmarks/bench_slice.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 >> "$L"
+timeout 170 python benchmarks/bench_slice.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 >> "$L"
+timeout 150 python benchmarks/bench_rope_norm.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 >> "$L"
 tail -60 "$L"

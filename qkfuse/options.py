@@ -13,7 +13,7 @@ from .kernels.policy import KERNEL_CHOICES
 
 PREFIX = "qkfuse."
 FAMILIES = tuple(f.name for f in patterns.FAMILIES)  # "norm_rope", "norm_cat_rope", "norm_slice_rope", ...
-DEFAULT_FAMILIES = ("norm_rope", "norm_cat_rope", "norm_slice_rope")  # "rope" and "norm" are opt-in (see their docstrings)
+DEFAULT_FAMILIES = ("norm_rope", "norm_cat_rope", "norm_slice_rope", "rope_norm")  # "rope" and "norm" are opt-in (see their docstrings)
 
 
 @dataclasses.dataclass(frozen=True)

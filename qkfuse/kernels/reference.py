@@ -37,6 +37,21 @@ def _affine_view(t: torch.Tensor, x: torch.Tensor, recipe: Recipe) -> torch.Tens
     return t
 
 
+def _rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe, out_dtype) -> torch.Tensor:
+    """The recipe's RoPE of y, rounded to out_dtype (the pass-through part converted to it)."""
+    rd, rdt = recipe.rotary_dim, recipe.rope_dtype
+    yr = y[..., :rd].to(rdt)
+    if recipe.deinterleave_input:  # DeepSeek: x.view(..., rd/2, 2).transpose(-1, -2).reshape(..., rd)
+        yr = yr.unflatten(-1, (rd // 2, 2)).transpose(-1, -2).reshape(yr.shape)
+    c, s = cos.to(rdt), sin.to(rdt)
+    if recipe.half_table:
+        c, s = _full_width(c, recipe.interleaved), _full_width(s, recipe.interleaved)
+    out_r = (yr * c + _rotate(yr, recipe.interleaved) * s).to(out_dtype)
+    if rd < y.shape[-1]:
+        out_r = torch.cat((out_r, y[..., rd:].to(out_dtype)), dim=-1)
+    return out_r
+
+
 def norm_rope_reference(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -51,6 +66,9 @@ def norm_rope_reference(
     """One tensor's fused computation; the output is laid out by ``new_output(x)`` (the layout
     every kernel returns), or as torch's ops leave it with ``dense_layout=False`` (for traces that
     Inductor compiles: it plans layouts itself)."""
+    x_in, rope_first = x, recipe.rope_first and bool(recipe.rotary_dim)
+    if rope_first:  # RoPE on x, rounded to x's dtype; then the norm of that (no RoPE after it)
+        x = _rope(x, cos, sin, recipe, x.dtype)
     y = x
     if recipe.norm in ("rms", "layer"):
         xf = x.to(torch.float32)
@@ -76,24 +94,14 @@ def norm_rope_reference(
             y = y + _affine_view(bias, x, recipe)
         y = y.to(recipe.norm_dtype)
 
-    rd = recipe.rotary_dim
-    if rd:
-        rdt = recipe.rope_dtype
-        yr = y[..., :rd].to(rdt)
-        if recipe.deinterleave_input:  # DeepSeek: x.view(..., rd/2, 2).transpose(-1, -2).reshape(..., rd)
-            yr = yr.unflatten(-1, (rd // 2, 2)).transpose(-1, -2).reshape(yr.shape)
-        c, s = cos.to(rdt), sin.to(rdt)
-        if recipe.half_table:
-            c, s = _full_width(c, recipe.interleaved), _full_width(s, recipe.interleaved)
-        out_r = (yr * c + _rotate(yr, recipe.interleaved) * s).to(recipe.out_dtype)
-        if rd < y.shape[-1]:
-            out_r = torch.cat((out_r, y[..., rd:].to(recipe.out_dtype)), dim=-1)
+    if recipe.rotary_dim and not rope_first:
+        out_r = _rope(y, cos, sin, recipe, recipe.out_dtype)
     else:
         out_r = y.to(recipe.out_dtype)
 
     if not dense_layout:
         return out_r
-    out = new_output(x, recipe.out_dtype)
+    out = new_output(x_in, recipe.out_dtype)
     out.copy_(out_r)
     return out
 

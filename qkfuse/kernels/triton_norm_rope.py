@@ -127,6 +127,58 @@ def _copy_tile(x_ptr, o_ptr, pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, 
 
 
 @triton.jit
+def _rotate(a, b, cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok, t_outer, t_inner, n_tokens, c_so, c_si, s_so,
+            c_sd, s_sd, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, R_CODE: tl.constexpr,
+            INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
+            HALF_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """RoPE of the pairs (a, b): their cos/sin loaded, the products and sums rounded to R_CODE."""
+    HALF: tl.constexpr = ROT_DIM // 2
+    if ROPE_CACHE:
+        # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
+        # their sin), sin_ptr the int positions of the tokens (token strides c_so/c_si), s_so the
+        # cache's row stride. Both rotation partners use frequency i in either style.
+        pos = tl.load(sin_ptr + t_outer * c_so + t_inner * c_si, mask=t < n_tokens, other=0).to(tl.int64)
+        crow = (pos * s_so)[:, None, None]
+        dh = tl.arange(0, HALF_PAD)[None, None, :]
+        cm = t_ok & (dh < HALF)
+        ca = tl.load(cos_ptr + crow + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        sa = tl.load(cos_ptr + crow + HALF + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        cb = ca
+        sb = sa
+    elif HALF_TABLE:
+        # one cos/sin per pair (Recipe.half_table; last-dim strides c_sd/s_sd, e.g. Wan's
+        # freqs[..., 0::2] views): both partners of pair i use entry i, in either style
+        dh = tl.arange(0, HALF_PAD)[None, None, :]
+        cm = c_mask & (dh < HALF)
+        ca = tl.load(cos_ptr + c_row + dh * c_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        sa = tl.load(sin_ptr + s_row + dh * s_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        cb = ca
+        sb = sa
+    elif INTERLEAVED:
+        dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+        cm = c_mask & (dr < ROT_DIM)
+        cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        sin = tl.load(sin_ptr + s_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if COS_PER_HEAD:
+            ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
+            sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
+        else:
+            ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, 1, HALF_PAD, 2]))
+            sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, 1, HALF_PAD, 2]))
+    else:
+        da = tl.arange(0, HALF_PAD)[None, None, :]
+        cm = c_mask & (da < HALF)
+        ca = tl.load(cos_ptr + c_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    # cos/sin wider than the RoPE's dtype are rounded to it first, as the graph's .to() does
+    oa, ob = _rope_pair(a, b, _round(ca, R_CODE), _round(sa, R_CODE), _round(cb, R_CODE), _round(sb, R_CODE),
+                        R_CODE)
+    return oa, ob
+
+
+@triton.jit
 def _norm_rope_tile(
     x_ptr, o_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, eps,
     pid_t, hb, n_tokens, n_inner, n_heads,
@@ -139,7 +191,7 @@ def _norm_rope_tile(
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
-    HALF_TABLE: tl.constexpr, X_PAIRS: tl.constexpr,
+    HALF_TABLE: tl.constexpr, X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -181,6 +233,12 @@ def _norm_rope_tile(
             m = row_mask & (da < HALF)
             a = tl.load(x_ptr + x_row + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
             b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if ROPE_FIRST:  # RoPE of x (as the rope dtype), rounded to x's dtype; the norm reads that
+            a, b = _rotate(_round(a, R_CODE), _round(b, R_CODE), cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok,
+                           t_outer, t_inner, n_tokens, c_so, c_si, s_so, c_sd, s_sd, ROT_DIM, HALF_PAD, R_CODE,
+                           INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H)
+            a = _round(a, X_CODE)
+            b = _round(b, X_CODE)
     if NORM:
         if LAYER:
             # LayerNorm: the mean first (one float32 sum over the row), then the sum of squares of
@@ -282,48 +340,13 @@ def _norm_rope_tile(
                 bb = 0.0
             a = _scale(a, r, wa, ba, CAST_BEFORE, HAS_WEIGHT, HAS_BIAS, X_CODE, Y_CODE)
             b = _scale(b, r, wb, bb, CAST_BEFORE, HAS_WEIGHT, HAS_BIAS, X_CODE, Y_CODE)
-        if ROPE_CACHE:
-            # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
-            # their sin), sin_ptr the int positions of the tokens (token strides c_so/c_si), s_so the
-            # cache's row stride. Both rotation partners use frequency i in either style.
-            pos = tl.load(sin_ptr + t_outer * c_so + t_inner * c_si, mask=t < n_tokens, other=0).to(tl.int64)
-            crow = (pos * s_so)[:, None, None]
-            dh = tl.arange(0, HALF_PAD)[None, None, :]
-            cm = t_ok & (dh < HALF)
-            ca = tl.load(cos_ptr + crow + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            sa = tl.load(cos_ptr + crow + HALF + dh, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            cb = ca
-            sb = sa
-        elif HALF_TABLE:
-            # one cos/sin per pair (Recipe.half_table; last-dim strides c_sd/s_sd, e.g. Wan's
-            # freqs[..., 0::2] views): both partners of pair i use entry i, in either style
-            dh = tl.arange(0, HALF_PAD)[None, None, :]
-            cm = c_mask & (dh < HALF)
-            ca = tl.load(cos_ptr + c_row + dh * c_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            sa = tl.load(sin_ptr + s_row + dh * s_sd, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            cb = ca
-            sb = sa
-        elif INTERLEAVED:
-            dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
-            cm = c_mask & (dr < ROT_DIM)
-            cos = tl.load(cos_ptr + c_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            sin = tl.load(sin_ptr + s_row + dr, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            if COS_PER_HEAD:
-                ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
-                sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
-            else:
-                ca, cb = tl.split(tl.reshape(cos, [BLOCK_T, 1, HALF_PAD, 2]))
-                sa, sb = tl.split(tl.reshape(sin, [BLOCK_T, 1, HALF_PAD, 2]))
+        if ROPE_FIRST:  # rotated in pass 1, before the norm
+            oa = a
+            ob = b
         else:
-            da = tl.arange(0, HALF_PAD)[None, None, :]
-            cm = c_mask & (da < HALF)
-            ca = tl.load(cos_ptr + c_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        # cos/sin wider than the RoPE's dtype are rounded to it first, as the graph's .to() does
-        oa, ob = _rope_pair(a, b, _round(ca, R_CODE), _round(sa, R_CODE), _round(cb, R_CODE), _round(sb, R_CODE),
-                            R_CODE)
+            oa, ob = _rotate(a, b, cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok, t_outer, t_inner, n_tokens,
+                             c_so, c_si, s_so, c_sd, s_sd, ROT_DIM, HALF_PAD, R_CODE, INTERLEAVED, COS_PER_HEAD,
+                             ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H)
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
@@ -379,7 +402,7 @@ def qk_norm_rope_kernel(
     D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
     LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr, HALF_TABLE: tl.constexpr,
-    X_PAIRS: tl.constexpr,
+    X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
@@ -393,6 +416,8 @@ def qk_norm_rope_kernel(
     LAYER: a LayerNorm (the mean subtracted first); HAS_BIAS: its bias (qb_ptr/kb_ptr, laid out as
     the weights); W_ROWS: weight and bias have a row per head (ACROSS's [heads * head_dim], or an
     [H, D] weight of a per-head norm: Cohere, StableLM).
+
+    ROPE_FIRST: the RoPE of x first (rounded to x's dtype), then the norm of that (Recipe.rope_first).
 
     qo_off/ko_off/c_off/s_off/q_off/k_off: element offsets of the rows this launch reads or writes in
     the buffers passed as qo_ptr/ko_ptr/cos_ptr/sin_ptr/q_ptr/k_ptr (one part of a concatenation:
@@ -424,7 +449,7 @@ def qk_norm_rope_kernel(
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
-                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS,
+                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
@@ -433,7 +458,7 @@ def qk_norm_rope_kernel(
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
-            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS,
+            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST,
         )
 
 
@@ -1019,6 +1044,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         W_ROWS=across or bool(recipe.weight_heads_dim),
         HALF_TABLE=half_table,
         X_PAIRS=bool(recipe.interleaved or recipe.deinterleave_input),
+        ROPE_FIRST=bool(recipe.rope_first),
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

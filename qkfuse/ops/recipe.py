@@ -35,6 +35,10 @@ graph's numerics instead of "something close":
                  are neox (full-width, or half with half_table). DeepSeek-V2/V3's
                  apply_rotary_pos_emb_interleave, for RoPE alone: norm="none")
     y[..., rotary_dim:] passes through.
+    (rope_first: the two steps swap. The RoPE above runs on y = float(x), its output rounded to
+    rope_dtype and then to x's dtype; the norm above then reads that as its x, and its output y,
+    rounded to norm_dtype, is the result (-> out_dtype). Llama4's L2 norm, nanochat, HunYuan:
+    q = norm(rope(q)). Per head only.)
 
 A rounding "to float32" is a no-op: the kernels keep float32 intermediates and round only at the
 steps the graph rounds at.
@@ -74,6 +78,8 @@ class Recipe:
     # True: the rotary part of x is read as pairs (x[2i], x[2i+1]) and rotated as neox halves, the
     # output written as halves: DeepSeek's apply_rotary_pos_emb_interleave (see the module docstring)
     deinterleave_input: bool = False
+    # True: RoPE first, then the norm of its output (see the module docstring)
+    rope_first: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -91,6 +97,7 @@ class Recipe:
             int(self.weight_heads_dim),
             bool(self.half_table),
             bool(self.deinterleave_input),
+            bool(self.rope_first),
         )
 
     @classmethod
@@ -101,6 +108,13 @@ class Recipe:
         """A short name of the recipe (``bias``: the call adds a norm bias, which is an argument of
         the ops, not a recipe field)."""
         parts = []
+        rope_part = None
+        if self.rotary_dim:
+            rope_part = (("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
+                         + (" half-table" if self.half_table else "")
+                         + (" de-interleaved" if self.deinterleave_input else ""))
+        if rope_part and self.rope_first:
+            parts.append(rope_part)
         if self.norm in ("rms", "layer"):
             kind = "layernorm" if self.norm == "layer" else ("l2" if self.norm_sum else "rms")
             kind += "+b" if bias else ""
@@ -108,11 +122,9 @@ class Recipe:
             kind += " across heads" if self.norm_heads_dim else ""
             kind += " per-head w" if self.weight_heads_dim else ""
             parts.append(kind + (" cast→w" if self.cast_before_weight else ""))
-        if self.rotary_dim:
-            parts.append(("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
-                         + (" half-table" if self.half_table else "")
-                         + (" de-interleaved" if self.deinterleave_input else ""))
-        return " + ".join(parts) or "identity"
+        if rope_part and not self.rope_first:
+            parts.append(rope_part)
+        return (" then " if self.rope_first else " + ").join(parts) or "identity"
 
 
 # Schema types of the Recipe fields (annotations are strings here: `from __future__ import annotations`).
@@ -196,6 +208,12 @@ def check_recipe(recipe: Recipe) -> None:
             # not implemented; DeepSeek's RoPE has no norm in front)
             raise ValueError(f"qkfuse: deinterleave_input is implemented for RoPE alone (norm='none'), "
                              f"got norm={recipe.norm!r}")
+    if recipe.rope_first:
+        if not recipe.rotary_dim or recipe.norm == "none":
+            raise ValueError("qkfuse: rope_first needs a RoPE (rotary_dim > 0) and a norm after it")
+        if recipe.norm_heads_dim or recipe.deinterleave_input:
+            raise ValueError("qkfuse: rope_first is implemented for a per-head norm after a plain, interleaved or "
+                             "half-table RoPE (not norm_heads_dim, not deinterleave_input)")
     if whd and recipe.norm_heads_dim:
         raise ValueError("qkfuse: weight_heads_dim and norm_heads_dim are both set (a norm across heads has "
                          "its [heads * head_dim] weight)")

@@ -213,8 +213,14 @@ class RopeOnly(NormRope):
             if rotated_row_slice(r) is None:
                 raise Refused("not a slice of a norm output")
 
+        from .rope_norm import FAMILY as ROPE_NORM_FAMILY, norm_after
+
+        def norm_after_it(rv):
+            if norm_after(r) is None:
+                raise Refused("no norm after it")
+
         for family, reader in ((FAMILY, _norm_of), (CONCAT_FAMILY, lambda rv: _concat_of_norms(r, rv)),
-                               (SLICE_FAMILY, slice_of_a_norm)):
+                               (SLICE_FAMILY, slice_of_a_norm), (ROPE_NORM_FAMILY, norm_after_it)):
             try:
                 reader(rows)  # a norm per head or across heads; a concatenation of norm outputs; a slice
             except Refused:

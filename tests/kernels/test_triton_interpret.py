@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from qkfuse.kernels import triton_norm_rope as tk  # noqa: E402
 from qkfuse.kernels.reference import norm_rope_reference  # noqa: E402
 from qkfuse.ops.norm_rope import check_qk  # noqa: E402
-from qkfuse.ops.recipe import Recipe  # noqa: E402
+from qkfuse.ops.recipe import Recipe, check_recipe  # noqa: E402
 from tests.conftest import UNIT_ROUNDOFF, coarsest_rounding  # noqa: E402
 
 _MISSING = object()
@@ -1106,3 +1106,45 @@ def test_parts_write_their_rows_of_one_output(interp, interleaved):
         start += n
     assert torch.equal(q_out, torch.cat([a[0] for a in alone], 1))
     assert torch.equal(k_out, torch.cat([a[1] for a in alone], 1))  # (launches on their own: tested above)
+
+
+def _rope_first_case(dtype, layout, rope, norm, weight, cast_before):
+    rd = 16 if rope == "partial" else 32
+    # HF: the RoPE in the input dtype (tables cast to it), then the norm; the result in that dtype
+    recipe = Recipe(norm="layer" if norm == "layer" else "rms", norm_sum=norm == "l2", cast_before_weight=cast_before,
+                    norm_dtype=dtype, rope_dtype=dtype, out_dtype=dtype, rotary_dim=rd,
+                    interleaved=rope == "interleaved", half_table=rope == "half_table", rope_first=True)
+    return Case(dtype=dtype, head_dim=32, recipe=recipe, has_weight=weight, weight_dtype=dtype, cos_dtype=dtype,
+                layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=1, q_eps=1e-6, k_eps=0.5,
+                scale=1.0, config=None, seed=41)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "half_table"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_first(interp, layout, rope, dtype):
+    """Recipe.rope_first (Llama4, HunYuan: the norm of the rotated q/k): the reference's function, which
+    the norm-first recipe on the same inputs is not (independent angles per entry: no rotation the
+    norm is blind to), for q and k; RMSNorm with a weight cast before it, none, L2, LayerNorm."""
+    for norm, weight, cast_before in (("rms", True, True), ("rms", False, False), ("l2", False, False),
+                                      ("layer", True, False)):
+        c = _rope_first_case(dtype, layout, rope, norm, weight, cast_before)
+        q, k, qw, kw, cos, sin = _half_inputs(c, True) if rope == "half_table" else make_inputs(c)
+        check_qk(q, k, qw, kw, cos, sin, c.recipe)
+        assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
+        q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
+        _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+        _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+        norm_first = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, rope_first=False))
+        # outside the tolerance the kernel is held to: the norm-first recipe would fail this test
+        coarse = coarsest_rounding(c.recipe, c.dtype, c.has_weight)
+        scale = tensor_scale(norm_first, q, qw, c.q_eps, c.recipe)
+        assert error_units(q_out, norm_first, scale, coarse) > tolerance_units(c), (norm, weight)
+
+
+def test_rope_first_recipe_checks():
+    with pytest.raises(ValueError, match="rope_first needs a RoPE"):
+        check_recipe(Recipe(rotary_dim=0, rope_first=True))
+    with pytest.raises(ValueError, match="per-head norm"):
+        check_recipe(Recipe(rotary_dim=8, rope_first=True, norm_heads_dim=-2))
+    assert Recipe(rotary_dim=8, rope_first=True).describe() == "neox rope[8] then rms"

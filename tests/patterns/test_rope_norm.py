@@ -1,0 +1,283 @@
+"""RoPE first, then a per-head norm of its output (the ``rope_norm`` family): Llama4 (its weightless
+L2Norm after the complex RoPE), HunYuan dense/MoE (``query_layernorm`` after the RoPE), nanochat.
+
+    q = apply_rotary_emb(q, cos, sin); q = q_norm(q)
+
+Drawn: the RoPE (HF's neox in the input dtype, diffusers' interleaved in float32 cast back, Llama4's
+complex multiply, partial rotary), the norm (HF's RMSNorm with its weight cast before, ``F.rms_norm``
+with or without a weight, Llama4's ``x * rsqrt(mean(x^2) + eps)``, LayerNorm), the layout (RoPE and
+norm on ``[B, S, H, D]`` before the transpose, or on ``[B, H, S, D]`` after it), k with fewer heads,
+dtype, static or dynamic shapes. Asserted: one fused q+k call, no RoPE or norm left, equal to the
+unfused graph and no further from float64. Then what is not this family, and the CUDA path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkfuse.options import Options
+from tests.graph_harness import (assert_equal_to_graph, graph_tolerance, run_pass, run_pass_as_cuda,
+                                 scale_error)
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    rope: str  # "neox" | "interleaved" | "complex" | "partial"
+    norm: str  # "hf_rms" (weight, cast before) | "rms_w" | "rms" (F.rms_norm) | "l2" (Llama4) | "layer"
+    layout: str  # "bshd" | "bhsd"
+    H: int
+    Hk: int
+    D: int
+    B: int
+    S: int
+    dtype: torch.dtype
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.D // 2 if self.rope == "partial" else self.D
+
+
+def rope(x, cos, sin, f: Form):
+    if f.rope == "interleaved":  # diffusers apply_rotary_emb(use_real_unbind_dim=-1)
+        xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        rot = torch.stack([-xi, xr], dim=-1).flatten(-2)
+        return (x.float() * cos + rot.float() * sin).to(x.dtype)
+    if f.rope == "complex":  # Llama4: view_as_complex(x pairs) * freqs_cis (here `cos`), type_as(x)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * cos).flatten(-2).type_as(x)
+    rd = f.rotary_dim
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((out, xp), dim=-1) if rd < f.D else out
+
+
+class HFRMSNorm(torch.nn.Module):  # Llama / HunYuan: float32 statistics, cast back, then the weight
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def l2norm(x, eps=1e-6):  # Llama4's L2Norm (no weight)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RopeNormQK(torch.nn.Module):
+    def __init__(self, f: Form, seed: int = 0):
+        super().__init__()
+        self.f = f
+        g = torch.Generator().manual_seed(seed)
+        if f.norm == "hf_rms":
+            self.norms = torch.nn.ModuleList(HFRMSNorm(f.D, 1e-6) for _ in "qk")
+        elif f.norm == "layer":
+            self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(f.D, eps=1e-5) for _ in "qk")
+        else:
+            self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(f.D, eps=1e-5 if i else 1e-6,
+                                                              elementwise_affine=f.norm == "rms_w")
+                                             for i in range(2))
+        with torch.no_grad():
+            for m in self.norms:
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(1 + 0.3 * torch.randn(f.D, generator=g))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.2 * torch.randn(f.D, generator=g))
+        self.to(f.dtype)
+
+    def forward(self, q, k, cos, sin):
+        f = self.f
+        cos, sin = (t[None, :, None, :] if f.layout == "bshd" else t[None, None] for t in (cos, sin))
+        if f.rope == "complex":  # one freqs_cis for q and k, as Llama4's rotary embedding returns
+            cos, sin = torch.complex(cos, sin), None
+        out = []
+        for norm, x, heads in ((self.norms[0], q, f.H), (self.norms[1], k, f.Hk)):
+            x = x.unflatten(-1, (heads, -1))
+            if f.layout == "bhsd":
+                x = x.transpose(1, 2)
+            x = rope(x, cos, sin, f)
+            x = l2norm(x) if f.norm == "l2" else norm(x)
+            out.append(x.transpose(1, 2) if f.layout == "bshd" else x)
+        return tuple(out)
+
+
+def make_inputs(f: Form, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(f.B, f.S, f.H * f.D, generator=g).to(f.dtype)
+    k = torch.randn(f.B, f.S, f.Hk * f.D, generator=g).to(f.dtype)
+    angle = torch.rand(f.S, f.rotary_dim // 2, generator=g) * 2 * math.pi
+    if f.rope == "complex":  # one angle per pair: the real and imaginary parts of freqs_cis, float32
+        return q, k, angle.cos(), angle.sin()
+    if f.rope == "interleaved":
+        angle = angle.repeat_interleave(2, dim=-1)
+        return q, k, angle.cos(), angle.sin()
+    angle = torch.cat([angle, angle], dim=-1)  # HF: tables in the input dtype
+    return q, k, angle.cos().to(f.dtype), angle.sin().to(f.dtype)
+
+
+@st.composite
+def forms(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    H = draw(st.sampled_from([1, 2, 4]))
+    return Form(draw(st.sampled_from(["neox", "interleaved", "complex", "partial"])),
+                draw(st.sampled_from(["hf_rms", "rms_w", "rms", "l2", "layer"])),
+                draw(st.sampled_from(["bshd", "bhsd"])), H, draw(st.sampled_from(sorted({1, H}))),
+                draw(st.sampled_from([8, 16])), draw(st.integers(1, 2)), draw(st.integers(1, 5)), dtype)
+
+
+def _check_fused(run, f: Form):
+    assert [(r.family, r.fused) for r in run.records] == [("rope_norm", True)] * 2, (f, run.records)
+    assert all(" then " in r.recipe for r in run.records), run.records
+    assert run.count("qkfuse.qk_norm_rope") == 1, run.rewritten.graph  # q and k in one call
+    for left in ("aten.rsqrt", "aten.var_mean", "aten.cat", "aten.view_as_complex"):
+        assert run.count(left) == 0, (left, run.rewritten.graph)
+
+
+@settings(max_examples=max(40, settings.default.max_examples))
+@given(f=forms(), dynamic=st.sampled_from([False, False, True]), seed=st.integers(0, 2**16))
+def test_rope_then_norm_fuses_equal_to_the_graph(f, dynamic, seed):
+    block = RopeNormQK(f, seed)
+    args = make_inputs(f, seed)
+    if dynamic:  # head widths come from Linear weights: static; the sequence symbolic
+        for t in args:
+            torch._dynamo.mark_static(t, t.dim() - 1)
+    run = run_pass(block, *args, dynamic=dynamic)
+    _check_fused(run, f)
+
+    tol = graph_tolerance(f.dtype)
+    assert_equal_to_graph(run, f.dtype, f)
+    with torch.no_grad():
+        ref64 = RopeNormQK(f, seed).double()(*[t.double() for t in args])
+    for out, ref, r64 in zip(run.out, run.ref, ref64):
+        assert scale_error(out, r64) <= scale_error(ref, r64) + tol
+
+
+LLAMA4 = Form("complex", "l2", "bshd", 4, 2, 16, 2, 5, torch.bfloat16)
+HUNYUAN = Form("neox", "hf_rms", "bhsd", 4, 2, 16, 2, 5, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kernels", ["inline", "reference"])
+@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN], ids=["llama4", "hunyuan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_and_hunyuan_are_exact(form, dtype, kernels):
+    """The models' own spellings: bit for bit the unfused graph, spliced inline or as
+    qkfuse::qk_norm_rope calls."""
+    f = dataclasses.replace(form, dtype=dtype)
+    run = run_pass(RopeNormQK(f), *make_inputs(f, 1), options=Options(kernels=kernels))
+    _check_fused(run, f)
+    for out, ref in zip(run.out, run.ref):
+        assert torch.equal(out, ref)
+
+
+def test_the_family_can_be_switched_off():
+    run = run_pass(RopeNormQK(HUNYUAN), *make_inputs(HUNYUAN, 2), options=Options(families=("norm_rope",)))
+    assert run.fused == [] and len(run.refused) == 2, run.records
+    for out, ref in zip(run.out, run.ref):
+        assert torch.equal(out, ref)
+
+
+def test_rope_family_defers_to_it():
+    """With the rope family on and rope_norm off, the RoPE is not fused alone (that would cut it
+    from its norm): refused, naming the family whose site it is."""
+    run = run_pass(RopeNormQK(HUNYUAN), *make_inputs(HUNYUAN, 3), options=Options(families=("rope",)))
+    assert run.fused == [] and run.refused, run.records
+    assert all("a rope_norm site, and family 'rope_norm' is disabled" in r.reason for r in run.refused), run.records
+
+
+# ---- not this family -----------------------------------------------------------------------------
+
+F = dataclasses.replace(HUNYUAN, dtype=torch.float32)
+
+
+def _tables(f: Form, dtype=None):
+    _, _, cos, sin = make_inputs(f, 4)
+    return cos[None, None].to(dtype or cos.dtype), sin[None, None].to(dtype or sin.dtype)
+
+
+def _left_alone(fn, reason, *args):
+    run = run_pass(fn, *args)
+    assert run.fused == [] and run.refused, run.records
+    assert all(reason in r.reason for r in run.refused), run.records
+    for out, ref in zip(run.out, run.ref):
+        assert torch.equal(out, ref)
+
+
+def _q(f: Form, dtype=torch.float32):
+    return torch.randn(f.B, f.H, f.S, f.D, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+
+def test_a_rotated_q_used_elsewhere_is_left_alone():
+    """The RoPE output also returned: the RoPE cannot go, so nothing is fused."""
+    c, s = _tables(F)
+
+    def fn(q):
+        r = rope(q, c, s, F)
+        return torch.nn.functional.rms_norm(r, (F.D,), eps=1e-6), r
+
+    _left_alone(fn, "outside", _q(F))
+
+
+def test_a_rope_that_promotes_is_left_alone():
+    """float32 tables on a bfloat16 q (no cast back): the RoPE returns float32, the norm reads
+    that; the recipe rounds the RoPE's output to the input dtype, so it is refused."""
+    f = dataclasses.replace(F, dtype=torch.bfloat16)
+    c, s = _tables(f, torch.float32)
+
+    def fn(q):
+        return (torch.nn.functional.rms_norm(rope(q, c, s, f), (f.D,), eps=1e-6),)
+
+    _left_alone(fn, "the RoPE returns torch.float32 for a torch.bfloat16 input", _q(f, torch.bfloat16))
+
+
+def test_a_norm_after_a_transpose_is_not_this_family():
+    """RoPE on [B, H, S, D], then the norm of its transpose: no per-head norm reads the RoPE's output
+    in its layout (the site would need the tables permuted); left alone."""
+    c, s = _tables(F)
+
+    def fn(q):
+        return (torch.nn.functional.rms_norm(rope(q, c, s, F).transpose(1, 2), (F.D,), eps=1e-6),)
+
+    _left_alone(fn, "feeds this RoPE", _q(F))
+
+
+# ---- the CUDA path ---------------------------------------------------------------------------------
+
+
+def _kwargs(node):
+    return node.kwargs["kwargs"]
+
+
+@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN], ids=["llama4", "hunyuan"])
+def test_cuda_path_is_one_launch_with_the_rope_first(form):
+    """kernels='triton': q and k in one launch of the kernel with ROPE_FIRST, reading the graph's
+    inputs where they lie, writing outputs that are what the graph returns (no clone)."""
+    run = run_pass_as_cuda(RopeNormQK(form), *make_inputs(form, 5), options=Options(kernels="triton"))
+    assert [(r.family, r.fused) for r in run.records] == [("rope_norm", True)] * 2, run.records
+    (call,) = run.kernel_calls()
+    kw = _kwargs(call)
+    assert kw["ROPE_FIRST"] is True and kw["HAS_K"] is True
+    assert kw["HAS_WEIGHT"] is (form.norm != "l2") and kw["HALF_TABLE"] is (form.rope == "complex")
+    assert call.kwargs["tensors_to_clone"] == []
+    graph_outputs = next(n for n in run.rewritten.graph.nodes if n.op == "output").args[0]
+    assert {kw["qo_ptr"], kw["ko_ptr"]} <= {a.args[0] if a.op == "call_function" else a for a in graph_outputs} | set(
+        graph_outputs)
+
+
+def test_auto_leaves_it_to_inductor_on_cuda_until_measured():
+    """kernels='auto' on CUDA: not timed against Inductor on a GPU yet, so left unfused, with the
+    reason (kernels='triton' fuses it)."""
+    run = run_pass_as_cuda(RopeNormQK(HUNYUAN), *make_inputs(HUNYUAN, 6))
+    assert run.fused == [] and len(run.records) == 2, run.records
+    assert all("not measured against Inductor on a GPU yet" in r.reason for r in run.records), run.records
+    assert run.kernel_calls() == []
