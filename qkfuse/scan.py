@@ -73,7 +73,7 @@ POPULAR_ROPE = ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "ph
                 "glm4", "gptj", "stablelm", "persimmon", "helium", "gpt_oss", "smollm3", "ernie4_5"]
 
 _ROPE_RE = re.compile(r"rotary|apply_rotary_pos_emb")
-_QKNORM_RE = re.compile(r"q_norm|qk_norm|q_layernorm")
+_QKNORM_RE = re.compile(r"q_norm|qk_norm|q_layernorm|query_layernorm")
 STATUSES = ("fused", "partly fused", "refused", "no sites", "build error", "compile error", "timeout")
 
 
