@@ -52,7 +52,7 @@ def test_rope_only_is_opt_in():
 
 
 COMPLEX_ROPE = {  # RoPE as a complex multiply (view_as_complex), complex64 freqs
-    # Llama4: its L2 qk-norm comes after RoPE (not a norm_rope site); RoPE in every layer here
+    # Llama4: its L2 qk-norm comes after RoPE (a rope_norm site: test_llama4_fuses_as_rope_norm)
     "Llama4": lambda: (transformers.Llama4ForCausalLM, transformers.Llama4TextConfig(
         **COMMON, intermediate_size_mlp=128, head_dim=16, num_local_experts=2, use_qk_norm=True,
         no_rope_layers=[1] * LAYERS, attention_chunk_size=64, moe_layers=[])),
@@ -63,7 +63,23 @@ COMPLEX_ROPE = {  # RoPE as a complex multiply (view_as_complex), complex64 freq
 }
 
 
-@pytest.mark.parametrize("arch", sorted(COMPLEX_ROPE))
+def test_llama4_fuses_as_rope_norm():
+    """Llama4's complex RoPE, then its weightless L2Norm: one rope_norm call per layer (q and k) under
+    the default families, the recipe the RoPE first; with families="rope" the RoPE is not fused alone
+    (it would cut the norm after it), the reason naming rope_norm. Logits equal to eager both ways."""
+    cls, cfg = COMPLEX_ROPE["Llama4"]()
+    ref, out, records = compiled_logits(cls, cfg, "norm_rope,rope_norm")
+    assert counters["qkfuse"]["rope_norm_calls"] == LAYERS, dict(counters["qkfuse"])
+    assert records and all(r.fused and r.recipe.startswith("interleaved rope[16] half-table then rms")
+                           for r in records), records
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    ref, out, records = compiled_logits(cls, cfg, "rope")
+    assert records and not any(r.fused for r in records), records
+    assert all("a rope_norm site, and family 'rope_norm' is disabled" in r.reason for r in records), records
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("arch", sorted(set(COMPLEX_ROPE) - {"Llama4"}))
 def test_complex_rope_models_fuse_in_the_rope_family(arch):
     """Their complex RoPE reads as the interleaved half-table recipe: one call per layer with
     families="rope", logits equal to eager; under the default families it is left alone (no norm in
