@@ -112,6 +112,8 @@ def unsupported(q: Tensor, k: Tensor | None, cos: Tensor | None, recipe: Recipe)
         return "flashinfer's RMSNorm weight is [head_dim], not one row per head"
     if recipe.norm == "rms" and recipe.weight_offset not in (0.0, 1.0):
         return f"weight offset {recipe.weight_offset}"
+    if recipe.negate_sin:
+        return "flashinfer's RoPE rotates one way (not negate_sin)"
     if recipe.rope_first:
         return "flashinfer normalises, then rotates; not the RoPE first (rope_first)"
     if recipe.half_table:

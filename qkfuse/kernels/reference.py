@@ -44,6 +44,8 @@ def _rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
     if recipe.deinterleave_input:  # DeepSeek: x.view(..., rd/2, 2).transpose(-1, -2).reshape(..., rd)
         yr = yr.unflatten(-1, (rd // 2, 2)).transpose(-1, -2).reshape(yr.shape)
     c, s = cos.to(rdt), sin.to(rdt)
+    if recipe.negate_sin:  # (exact: rot(y) * sin == rotate_half(y) * -sin, element for element)
+        s = -s
     if recipe.half_table:
         c, s = _full_width(c, recipe.interleaved), _full_width(s, recipe.interleaved)
     out_r = (yr * c + _rotate(yr, recipe.interleaved) * s).to(out_dtype)

@@ -130,8 +130,9 @@ def _copy_tile(x_ptr, o_ptr, pid_t, hb, n_tokens, n_inner, n_heads, x_so, x_si, 
 def _rotate(a, b, cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok, t_outer, t_inner, n_tokens, c_so, c_si, s_so,
             c_sd, s_sd, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr, R_CODE: tl.constexpr,
             INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
-            HALF_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """RoPE of the pairs (a, b): their cos/sin loaded, the products and sums rounded to R_CODE."""
+            HALF_TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEG_SIN: tl.constexpr):
+    """RoPE of the pairs (a, b): their cos/sin loaded (sin negated with NEG_SIN: nanochat's rotation
+    the other way, Recipe.negate_sin), the products and sums rounded to R_CODE."""
     HALF: tl.constexpr = ROT_DIM // 2
     if ROPE_CACHE:
         # vLLM-style: cos_ptr is a [positions, rotary_dim] cache (cos of the rd/2 frequencies, then
@@ -172,6 +173,9 @@ def _rotate(a, b, cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok, t_outer, t_in
         cb = tl.load(cos_ptr + c_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
         sa = tl.load(sin_ptr + s_row + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
         sb = tl.load(sin_ptr + s_row + HALF + da, mask=cm, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if NEG_SIN:
+        sa = -sa
+        sb = -sb
     # cos/sin wider than the RoPE's dtype are rounded to it first, as the graph's .to() does
     oa, ob = _rope_pair(a, b, _round(ca, R_CODE), _round(sa, R_CODE), _round(cb, R_CODE), _round(sb, R_CODE),
                         R_CODE)
@@ -191,7 +195,7 @@ def _norm_rope_tile(
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, ROPE_CACHE: tl.constexpr,
     POS_AXIS: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr,
-    HALF_TABLE: tl.constexpr, X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr,
+    HALF_TABLE: tl.constexpr, X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr, NEG_SIN: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT_DIM // 2
     TAIL: tl.constexpr = HEAD_DIM - ROT_DIM
@@ -236,7 +240,7 @@ def _norm_rope_tile(
         if ROPE_FIRST:  # RoPE of x (as the rope dtype), rounded to x's dtype; the norm reads that
             a, b = _rotate(_round(a, R_CODE), _round(b, R_CODE), cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok,
                            t_outer, t_inner, n_tokens, c_so, c_si, s_so, c_sd, s_sd, ROT_DIM, HALF_PAD, R_CODE,
-                           INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H)
+                           INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H, NEG_SIN)
             a = _round(a, X_CODE)
             b = _round(b, X_CODE)
     if NORM:
@@ -346,7 +350,7 @@ def _norm_rope_tile(
         else:
             oa, ob = _rotate(a, b, cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok, t_outer, t_inner, n_tokens,
                              c_so, c_si, s_so, c_sd, s_sd, ROT_DIM, HALF_PAD, R_CODE, INTERLEAVED, COS_PER_HEAD,
-                             ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H)
+                             ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H, NEG_SIN)
         if INTERLEAVED:
             dr = tl.arange(0, 2 * HALF_PAD)[None, None, :]
             o = tl.reshape(tl.join(oa, ob), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
@@ -402,7 +406,7 @@ def qk_norm_rope_kernel(
     D_PAD: tl.constexpr, ACROSS: tl.constexpr, NORM_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HV: tl.constexpr,
     LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, W_ROWS: tl.constexpr, HALF_TABLE: tl.constexpr,
-    X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr,
+    X_PAIRS: tl.constexpr, ROPE_FIRST: tl.constexpr, NEG_SIN: tl.constexpr,
 ):
     """1-D grid of cdiv(n_tokens, BLOCK_T) * head_blocks programs; the head block (q's, then k's,
     then v's) varies fastest, so neighbouring programs read neighbouring memory of one token block.
@@ -449,7 +453,7 @@ def qk_norm_rope_kernel(
                 c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
                 HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
                 X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, K_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_HK,
-                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST,
+                LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST, NEG_SIN,
             )
     if pid_h < q_head_blocks:
         _norm_rope_tile(
@@ -458,7 +462,7 @@ def qk_norm_rope_kernel(
             c_so, c_si, c_sh, s_so, s_si, s_sh, idx_ptr, idx_stride, cache_len, o_seq, c_sd, s_sd,
             HEAD_DIM, ROT_DIM, HALF_PAD, TAIL_CHUNK, N_TAIL, NORM, HAS_WEIGHT, WEIGHT_OFFSET, CAST_BEFORE,
             X_CODE, Y_CODE, R_CODE, INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, Q_POS_AXIS, ACROSS, NORM_SUM, BLOCK_T, BLOCK_H,
-            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST,
+            LAYER, HAS_BIAS, W_ROWS, HALF_TABLE, X_PAIRS, ROPE_FIRST, NEG_SIN,
         )
 
 
@@ -1045,6 +1049,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         HALF_TABLE=half_table,
         X_PAIRS=bool(recipe.interleaved or recipe.deinterleave_input),
         ROPE_FIRST=bool(recipe.rope_first),
+        NEG_SIN=bool(recipe.negate_sin),
         num_warps=config.num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -35,6 +35,8 @@ graph's numerics instead of "something close":
                  are neox (full-width, or half with half_table). DeepSeek-V2/V3's
                  apply_rotary_pos_emb_interleave, for RoPE alone: norm="none")
     y[..., rotary_dim:] passes through.
+    (negate_sin: rot is rotate_half's negation, cat(-(-y2), -y1) = cat(y2, -y1), nanochat's rotation
+    the other way; computed as the rotation above with -sin, which rounds the same: negation is exact.)
     (rope_first: the two steps swap. The RoPE above runs on y = float(x), its output rounded to
     rope_dtype and then to x's dtype; the norm above then reads that as its x, and its output y,
     rounded to norm_dtype, is the result (-> out_dtype). Llama4's L2 norm, nanochat, HunYuan:
@@ -80,6 +82,8 @@ class Recipe:
     deinterleave_input: bool = False
     # True: RoPE first, then the norm of its output (see the module docstring)
     rope_first: bool = False
+    # True: rot(y) is rotate_half's negation, cat(y2, -y1) (nanochat): computed as sin negated
+    negate_sin: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -98,6 +102,7 @@ class Recipe:
             bool(self.half_table),
             bool(self.deinterleave_input),
             bool(self.rope_first),
+            bool(self.negate_sin),
         )
 
     @classmethod
@@ -112,7 +117,8 @@ class Recipe:
         if self.rotary_dim:
             rope_part = (("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
                          + (" half-table" if self.half_table else "")
-                         + (" de-interleaved" if self.deinterleave_input else ""))
+                         + (" de-interleaved" if self.deinterleave_input else "")
+                         + (" -sin" if self.negate_sin else ""))
         if rope_part and self.rope_first:
             parts.append(rope_part)
         if self.norm in ("rms", "layer"):
@@ -208,6 +214,8 @@ def check_recipe(recipe: Recipe) -> None:
             # not implemented; DeepSeek's RoPE has no norm in front)
             raise ValueError(f"qkfuse: deinterleave_input is implemented for RoPE alone (norm='none'), "
                              f"got norm={recipe.norm!r}")
+    if recipe.negate_sin and not recipe.rotary_dim:
+        raise ValueError("qkfuse: negate_sin is set but rotary_dim=0")
     if recipe.rope_first:
         if not recipe.rotary_dim or recipe.norm == "none":
             raise ValueError("qkfuse: rope_first needs a RoPE (rotary_dim > 0) and a norm after it")

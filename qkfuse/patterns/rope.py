@@ -50,6 +50,8 @@ class Rotation:
     src: Node  # the rotated tensor
     interleaved: bool
     nodes: list[Node]
+    # cat(x2, -x1): rotate_half's negation (nanochat's rotation the other way: the recipe's negate_sin)
+    flipped: bool = False
 
 
 @dataclasses.dataclass
@@ -66,12 +68,14 @@ class RopeMatch:
     half_table: bool = False  # cos/sin hold one value per rotated pair (rotary_dim // 2 wide)
     # src's pairs (x[2i], x[2i+1]) are rotated as neox halves (DeepSeek's de-interleaved RoPE)
     deinterleave_input: bool = False
+    # the rotation the other way, cat(x2, -x1) * sin (nanochat): the recipe's negate_sin
+    negate_sin: bool = False
 
     def recipe_part(self) -> dict:
         """The RoPE fields of the Recipe."""
         return dict(rope_dtype=self.rope_dtype, out_dtype=self.out_dtype, rotary_dim=self.rotary_dim,
                     interleaved=self.interleaved, half_table=self.half_table,
-                    deinterleave_input=self.deinterleave_input)
+                    deinterleave_input=self.deinterleave_input, negate_sin=self.negate_sin)
 
 
 def _slice_nodes(n: Node) -> list[Node]:
@@ -96,15 +100,19 @@ def rotation(n: Node) -> Rotation | None:
     """``rotate_half(src)`` (neox or interleaved) spelled any known way, else None."""
     n_src, n_convs = canon.strip_converts(n)
     parts = _cat_on_last_dim(n_src)
-    if parts is not None and len(parts) == 2 and is_op(parts[0], aten.neg):
-        lo = canon.last_dim_slice(parts[1])
-        hi = canon.last_dim_slice(parts[0].args[0])
-        if lo and hi and lo.src is hi.src and lo.step == hi.step == 1:
-            d = canon.static_int(tensor_val(lo.src).shape[-1])
-            h = d // 2 if d else None
-            if d and d % 2 == 0 and (lo.start, lo.stop, hi.start, hi.stop) == (0, h, h, d):
-                return Rotation(lo.src, False, [*n_convs, n_src, parts[0], *_slice_nodes(parts[0].args[0]),
-                                                *_slice_nodes(parts[1])])
+    if parts is not None and len(parts) == 2:
+        # cat(-x2, x1), or flipped: cat(x2, -x1)
+        flipped = not is_op(parts[0], aten.neg) and is_op(parts[1], aten.neg)
+        neg, plain = (parts[1], parts[0]) if flipped else (parts[0], parts[1])
+        if is_op(neg, aten.neg):
+            lo = canon.last_dim_slice(neg.args[0] if flipped else plain)
+            hi = canon.last_dim_slice(plain if flipped else neg.args[0])
+            if lo and hi and lo.src is hi.src and lo.step == hi.step == 1:
+                d = canon.static_int(tensor_val(lo.src).shape[-1])
+                h = d // 2 if d else None
+                if d and d % 2 == 0 and (lo.start, lo.stop, hi.start, hi.stop) == (0, h, h, d):
+                    return Rotation(lo.src, False, [*n_convs, n_src, neg, *_slice_nodes(neg.args[0]),
+                                                    *_slice_nodes(plain)], flipped)
     # interleaved: reshape(cat([unsqueeze(-x_odd, -1), unsqueeze(x_even, -1)], -1), [..., D])
     if canon.merges_last_two_dims(n_src):
         pairs = _cat_on_last_dim(n_src.args[0])
@@ -417,8 +425,12 @@ def _finish_rope(add: Node, r: Rotation, x_in: Node, cos, sin, nodes: list[Node]
     if copy is not None:
         y = copy[0]
         interior += copy[1]
-    return _finish(add, y, cos, sin, r.interleaved, dtype_of(add), dtype_of(add), interior,
-                   deinterleave=copy is not None)
+    if r.flipped and copy is not None:
+        raise Refused("the rotation the other way (cat(x2, -x1)) of DeepSeek's de-interleaved copy")
+    m = _finish(add, y, cos, sin, r.interleaved, dtype_of(add), dtype_of(add), interior,
+                deinterleave=copy is not None)
+    m.negate_sin = r.flipped
+    return m
 
 
 def _finish(anchor: Node, y: Node, cos, sin, interleaved: bool, rope_dtype, out_dtype, interior: list[Node],

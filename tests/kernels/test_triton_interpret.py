@@ -1113,14 +1113,15 @@ def _rope_first_case(dtype, layout, rope, norm, weight, cast_before):
     # HF: the RoPE in the input dtype (tables cast to it), then the norm; the result in that dtype
     recipe = Recipe(norm="layer" if norm == "layer" else "rms", norm_sum=norm == "l2", cast_before_weight=cast_before,
                     norm_dtype=dtype, rope_dtype=dtype, out_dtype=dtype, rotary_dim=rd,
-                    interleaved=rope == "interleaved", half_table=rope == "half_table", rope_first=True)
+                    interleaved=rope == "interleaved", half_table=rope == "half_table", rope_first=True,
+                    negate_sin=rope == "negate_sin")
     return Case(dtype=dtype, head_dim=32, recipe=recipe, has_weight=weight, weight_dtype=dtype, cos_dtype=dtype,
                 layout=layout, cos_per_batch=True, batch=2, seq=3, q_heads=3, k_heads=1, q_eps=1e-6, k_eps=0.5,
                 scale=1.0, config=None, seed=41)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "half_table"])
+@pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "half_table", "negate_sin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_first(interp, layout, rope, dtype):
     """Recipe.rope_first (Llama4, HunYuan: the norm of the rotated q/k): the reference's function, which
@@ -1140,6 +1141,9 @@ def test_rope_first(interp, layout, rope, dtype):
         coarse = coarsest_rounding(c.recipe, c.dtype, c.has_weight)
         scale = tensor_scale(norm_first, q, qw, c.q_eps, c.recipe)
         assert error_units(q_out, norm_first, scale, coarse) > tolerance_units(c), (norm, weight)
+        if c.recipe.negate_sin:  # and the rotation the usual way is not what it computes either
+            usual = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, negate_sin=False))
+            assert error_units(q_out, usual, scale, coarse) > tolerance_units(c), (norm, weight)
 
 
 def test_rope_first_recipe_checks():

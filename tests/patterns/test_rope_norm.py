@@ -4,7 +4,7 @@ L2Norm after the complex RoPE), HunYuan dense/MoE (``query_layernorm`` after the
     q = apply_rotary_emb(q, cos, sin); q = q_norm(q)
 
 Drawn: the RoPE (HF's neox in the input dtype, diffusers' interleaved in float32 cast back, Llama4's
-complex multiply, partial rotary), the norm (HF's RMSNorm with its weight cast before, ``F.rms_norm``
+complex multiply, partial rotary, nanochat's rotation the other way ``cat(x2, -x1)``), the norm (HF's RMSNorm with its weight cast before, ``F.rms_norm``
 with or without a weight, Llama4's ``x * rsqrt(mean(x^2) + eps)``, LayerNorm), the layout (RoPE and
 norm on ``[B, S, H, D]`` before the transpose, or on ``[B, H, S, D]`` after it), k with fewer heads,
 dtype, static or dynamic shapes. Asserted: one fused q+k call, no RoPE or norm left, equal to the
@@ -28,7 +28,7 @@ from tests.graph_harness import (assert_equal_to_graph, graph_tolerance, run_pas
 
 @dataclasses.dataclass(frozen=True)
 class Form:
-    rope: str  # "neox" | "interleaved" | "complex" | "partial"
+    rope: str  # "neox" | "interleaved" | "complex" | "partial" | "flipped" (nanochat)
     norm: str  # "hf_rms" (weight, cast before) | "rms_w" | "rms" (F.rms_norm) | "l2" (Llama4) | "layer"
     layout: str  # "bshd" | "bhsd"
     H: int
@@ -54,6 +54,8 @@ def rope(x, cos, sin, f: Form):
     rd = f.rotary_dim
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+    if f.rope == "flipped":  # nanochat's rotate_half: cat(x2, -x1), the rotation the other way
+        return xr * cos + torch.cat((x2, -x1), dim=-1) * sin
     out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((out, xp), dim=-1) if rd < f.D else out
 
@@ -130,7 +132,7 @@ def make_inputs(f: Form, seed: int):
 def forms(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     H = draw(st.sampled_from([1, 2, 4]))
-    return Form(draw(st.sampled_from(["neox", "interleaved", "complex", "partial"])),
+    return Form(draw(st.sampled_from(["neox", "interleaved", "complex", "partial", "flipped"])),
                 draw(st.sampled_from(["hf_rms", "rms_w", "rms", "l2", "layer"])),
                 draw(st.sampled_from(["bshd", "bhsd"])), H, draw(st.sampled_from(sorted({1, H}))),
                 draw(st.sampled_from([8, 16])), draw(st.integers(1, 2)), draw(st.integers(1, 5)), dtype)
@@ -165,10 +167,11 @@ def test_rope_then_norm_fuses_equal_to_the_graph(f, dynamic, seed):
 
 LLAMA4 = Form("complex", "l2", "bshd", 4, 2, 16, 2, 5, torch.bfloat16)
 HUNYUAN = Form("neox", "hf_rms", "bhsd", 4, 2, 16, 2, 5, torch.bfloat16)
+NANOCHAT = Form("flipped", "rms", "bhsd", 4, 2, 16, 2, 5, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernels", ["inline", "reference"])
-@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN], ids=["llama4", "hunyuan"])
+@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN, NANOCHAT], ids=["llama4", "hunyuan", "nanochat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_llama4_and_hunyuan_are_exact(form, dtype, kernels):
     """The models' own spellings: bit for bit the unfused graph, spliced inline or as
@@ -258,7 +261,7 @@ def _kwargs(node):
     return node.kwargs["kwargs"]
 
 
-@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN], ids=["llama4", "hunyuan"])
+@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN, NANOCHAT], ids=["llama4", "hunyuan", "nanochat"])
 def test_cuda_path_is_one_launch_with_the_rope_first(form):
     """kernels='triton': q and k in one launch of the kernel with ROPE_FIRST, reading the graph's
     inputs where they lie, writing outputs that are what the graph returns (no clone)."""
@@ -267,7 +270,8 @@ def test_cuda_path_is_one_launch_with_the_rope_first(form):
     (call,) = run.kernel_calls()
     kw = _kwargs(call)
     assert kw["ROPE_FIRST"] is True and kw["HAS_K"] is True
-    assert kw["HAS_WEIGHT"] is (form.norm != "l2") and kw["HALF_TABLE"] is (form.rope == "complex")
+    assert kw["HAS_WEIGHT"] is (form.norm not in ("l2", "rms")) and kw["HALF_TABLE"] is (form.rope == "complex")
+    assert kw["NEG_SIN"] is (form.rope == "flipped")
     assert call.kwargs["tensors_to_clone"] == []
     graph_outputs = next(n for n in run.rewritten.graph.nodes if n.op == "output").args[0]
     assert {kw["qo_ptr"], kw["ko_ptr"]} <= {a.args[0] if a.op == "call_function" else a for a in graph_outputs} | set(
