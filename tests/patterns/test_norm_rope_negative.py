@@ -157,8 +157,9 @@ def test_cos_of_another_shape_is_refused():
     assert run.count("qkfuse.norm_rope") == 1 and run.count("qkfuse.qk_norm_rope") == 0  # k alone
 
 
-def test_opposite_rotate_sign_convention_is_not_a_rope_candidate():
-    """nanochat's cat((x2, -x1)) is another rotation; it must not be fused as rotate_half."""
+def test_opposite_rotate_sign_convention_is_not_fused_as_rotate_half():
+    """nanochat's cat((x2, -x1)) is the rotation the other way: fused with the recipe's negate_sin
+    (exact), not as rotate_half; q's recipe then differs from k's, so each is a call of its own."""
 
     def fn(q, k, qw, kw, cos, sin):
         qn = llama_norm(q, qw).transpose(1, 2)
@@ -168,8 +169,9 @@ def test_opposite_rotate_sign_convention_is_not_a_rope_candidate():
         q_rot = torch.cat((qn[..., h:], -qn[..., :h]), dim=-1)
         return qn * c + q_rot * s, rope(kn, c, s)
 
-    run = check(fn, inputs(), {}, fused=1)
-    assert run.count("qkfuse.norm_rope") == 1
+    run = check(fn, inputs(), {}, fused=2)
+    assert run.count("qkfuse.norm_rope") == 2 and run.count("qkfuse.qk_norm_rope") == 0
+    assert sorted("-sin" in r.recipe for r in run.records) == [False, True], run.records
 
 
 @pytest.mark.parametrize("families,fused", [("norm_rope", 2), ("rope", 0)])
