@@ -299,3 +299,12 @@ def test_cuda_path_launches_once_per_part_into_one_output(form):
         form.B * n for n in ((form.rotated, form.plain) if form.rotated_first else (form.plain, form.rotated))]
     graph_outputs = next(n for n in run.rewritten.graph.nodes if n.op == "output").args[0]
     assert set(graph_outputs) == outs[0] | outs[1]
+
+
+def test_auto_leaves_it_to_inductor_on_cuda_until_measured():
+    """kernels='auto' on CUDA: not timed against Inductor on a GPU yet (benchmarks/bench_slice.py),
+    so left unfused, with the reason (kernels='triton' fuses it)."""
+    run = run_pass_as_cuda(SliceRopeQK(HUNYUAN), *make_inputs(HUNYUAN, 6))
+    assert run.fused == [] and len(run.records) == 2, run.records
+    assert all("not measured against Inductor on a GPU yet" in r.reason for r in run.records), run.records
+    assert run.kernel_calls() == []
