@@ -17,7 +17,10 @@
   apply_rotary_pos_emb_interleave, Recipe.deinterleave_input: 1.14x-2.87x device time from 64 to 8k
   tokens, benchmarks/results/2026-12-02-h200-deinterleave.md); so are norms concatenated before the
   RoPE (norm_cat_rope, Flux's double-stream blocks: 2.6x-3.1x on the q/k block, 1.04x-1.32x on the
-  attention block, benchmarks/results/2026-12-02-h200-concat.md).
+  attention block, benchmarks/results/2026-12-02-h200-concat.md). Not yet timed on a GPU, so left to
+  Inductor under ``auto`` on CUDA (``triton`` fuses them): RoPE then norm (Recipe.rope_first, the
+  rope_norm family: benchmarks/bench_rope_norm.py) and RoPE on a slice of a norm output's rows (the
+  norm_slice_rope family, held in passes/fuse.py: benchmarks/bench_slice.py).
 """
 
 from __future__ import annotations
