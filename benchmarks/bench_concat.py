@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import qkfuse  # noqa: E402
+from benchmarks.block_bench import compare, max_err, write_table  # noqa: E402
 from tests.patterns import test_concat_norm_rope as cr  # noqa: E402
 
 BASE = dataclasses.replace(cr.FLUX, D=128, B=1, dtype=torch.bfloat16)
@@ -53,15 +52,7 @@ class JointAttention(torch.nn.Module):
                                                                 v.transpose(1, 2))
 
 
-def device_us(fn, args):
-    from triton.testing import do_bench_cudagraph
-
-    return min(do_bench_cudagraph(lambda: fn(*args), rep=200, return_mode="median") for _ in range(3)) * 1e3
-
-
 def run(block, name, batch, lengths, heads):
-    from torch._dynamo.utils import counters
-
     form = dataclasses.replace(BASE, B=batch, lengths=lengths, H=heads, Hk=heads)
     inputs = list(cr.make_inputs(form, 7))
     if block == "attention":
@@ -75,26 +66,9 @@ def run(block, name, batch, lengths, heads):
     with torch.no_grad():
         f64 = dataclasses.replace(form, dtype=torch.float64)
         ref64 = make(f64).cuda()(*[t.cuda().double() for t in inputs])
-        ref64 = ref64 if isinstance(ref64, tuple) else (ref64,)
         args = [t.cuda() for t in inputs]
-        eager = make().cuda()(*args)
-        eager = eager if isinstance(eager, tuple) else (eager,)
-        row["eager err"] = max(float((e.double() - r).abs().max()) for e, r in zip(eager, ref64))
-        for variant, options in (("inductor", None), ("qkfuse", {"qkfuse.kernels": "triton"})):
-            torch._dynamo.reset()
-            counters.clear()
-            backend = "inductor" if options is None else qkfuse.qkfuse_backend
-            fn = torch.compile(make().cuda(), backend=backend, options=options)
-            out = fn(*args)
-            out = out if isinstance(out, tuple) else (out,)
-            torch.cuda.synchronize()
-            row[f"{variant} err"] = max(float((o.double() - r).abs().max()) for o, r in zip(out, ref64))
-            if options is not None:
-                row["fused sites"] = counters["qkfuse"].get("norm_cat_rope_sites", 0)
-            row[f"{variant} us"] = device_us(fn, args)
-    row["speedup"] = row["inductor us"] / row["qkfuse us"]
-    print(row, flush=True)
-    return row
+        row["eager err"] = max_err(make().cuda()(*args), ref64)
+        return compare(row, make, args, ref64, "norm_cat_rope")
 
 
 def main():
@@ -105,17 +79,7 @@ def main():
     rows = [run(b, *c) for b in a.blocks.split(",") for c in CASES]
     cols = ["block", "case", "tokens", "heads", "fused sites", "inductor us", "qkfuse us", "speedup", "eager err",
             "inductor err", "qkfuse err"]
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, device time "
-             "(CUDA-graph replay, median of 3 x do_bench_cudagraph); qkfuse with kernels='triton'", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(a.out, "concat.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(a.out, "concat.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_table(rows, cols, a.out, "concat")
 
 
 if __name__ == "__main__":

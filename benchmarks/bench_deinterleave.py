@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import qkfuse  # noqa: E402
+from benchmarks.block_bench import compare, max_err, write_table  # noqa: E402
 from tests.patterns import test_deinterleaved_rope as ds  # noqa: E402
 
 # DeepSeek-V3: 128 heads of qk_nope_head_dim 128 + qk_rope_head_dim 64, kv_lora_rank 512
@@ -31,38 +31,15 @@ CASES = [("decode 64", 64, 128), ("prefill 4k", 4096, 128), ("prefill 8k", 8192,
          ("prefill 4k, 16 heads", 4096, 16)]
 
 
-def device_us(fn, args):
-    from triton.testing import do_bench_cudagraph
-
-    return min(do_bench_cudagraph(lambda: fn(*args), rep=200, return_mode="median") for _ in range(3)) * 1e3
-
-
 def run(spelling, name, tokens, heads):
-    from torch._dynamo.utils import counters
-
     form = dataclasses.replace(V3, spelling=spelling, S=tokens, H=heads)
     inputs = ds.make_inputs(form, 7)
     row = {"spelling": spelling, "case": name}
     with torch.no_grad():
         ref64 = [r.cuda() for r in ds.DeepseekRope(form)(*[t.cuda() for t in ds.make_inputs(form, 7, torch.float64)])]
         args = [t.cuda() for t in inputs]
-        eager = ds.DeepseekRope(form)(*args)
-        row["eager err"] = max(float((e.double() - r).abs().max()) for e, r in zip(eager, ref64))
-        for variant, compiled in (
-                ("inductor", lambda: torch.compile(ds.DeepseekRope(form), backend="inductor")),
-                ("qkfuse", lambda: torch.compile(ds.DeepseekRope(form), backend=qkfuse.qkfuse_backend, options={
-                    "qkfuse.families": "rope", "qkfuse.kernels": "triton"}))):
-            torch._dynamo.reset()
-            counters.clear()
-            f = compiled()
-            out = f(*args)
-            torch.cuda.synchronize()
-            row[f"{variant} err"] = max(float((o.double() - r).abs().max()) for o, r in zip(out, ref64))
-            if variant == "qkfuse":
-                row["fused sites"] = counters["qkfuse"].get("rope_sites", 0)
-            row[f"{variant} us"] = device_us(f, args)
-    row["speedup"] = row["inductor us"] / row["qkfuse us"]
-    return row
+        row["eager err"] = max_err(ds.DeepseekRope(form)(*args), ref64)
+        return compare(row, lambda: ds.DeepseekRope(form), args, ref64, "rope", {"qkfuse.families": "rope"})
 
 
 def main():
@@ -72,15 +49,7 @@ def main():
     rows = [run(s, *c) for s in sorted(ds.SPELLINGS) for c in CASES]
     cols = ["spelling", "case", "fused sites", "inductor us", "qkfuse us", "speedup", "eager err", "inductor err",
             "qkfuse err"]
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, device time "
-             "(CUDA-graph replay, median of 3 x do_bench_cudagraph)", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(a.out, "deinterleave.md"), "w") as f:
-        f.write(text + "\n")
+    write_table(rows, cols, a.out, "deinterleave", json_too=False)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -27,8 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import qkfuse  # noqa: E402
-from benchmarks.bench_concat import device_us  # noqa: E402
+from benchmarks.block_bench import compare, max_err, write_table  # noqa: E402
 from tests.patterns import test_norm_slice_rope as sr  # noqa: E402
 
 HUNYUAN = dataclasses.replace(sr.HUNYUAN, D=128, H=24, Hk=24, B=1, plain=256)
@@ -60,8 +58,6 @@ class SliceAttention(torch.nn.Module):
 
 
 def run(block, name, base, rotated, batch):
-    from torch._dynamo.utils import counters
-
     form = dataclasses.replace(base, rotated=rotated, B=batch)
     inputs = list(sr.make_inputs(form, 7))
     if block == "attention":
@@ -74,26 +70,9 @@ def run(block, name, base, rotated, batch):
     row = {"block": block, "case": name, "tokens": f"{batch}x({rotated}+{form.plain})", "heads": form.H}
     with torch.no_grad():
         ref64 = make(dataclasses.replace(form, dtype=torch.float64)).cuda()(*[t.cuda().double() for t in inputs])
-        ref64 = ref64 if isinstance(ref64, tuple) else (ref64,)
         args = [t.cuda() for t in inputs]
-        eager = make().cuda()(*args)
-        eager = eager if isinstance(eager, tuple) else (eager,)
-        row["eager err"] = max(float((e.double() - r).abs().max()) for e, r in zip(eager, ref64))
-        for variant, options in (("inductor", None), ("qkfuse", {"qkfuse.kernels": "triton"})):
-            torch._dynamo.reset()
-            counters.clear()
-            backend = "inductor" if options is None else qkfuse.qkfuse_backend
-            fn = torch.compile(make().cuda(), backend=backend, options=options)
-            out = fn(*args)
-            out = out if isinstance(out, tuple) else (out,)
-            torch.cuda.synchronize()
-            row[f"{variant} err"] = max(float((o.double() - r).abs().max()) for o, r in zip(out, ref64))
-            if options is not None:
-                row["fused sites"] = counters["qkfuse"].get("norm_slice_rope_sites", 0)
-            row[f"{variant} us"] = device_us(fn, args)
-    row["speedup"] = row["inductor us"] / row["qkfuse us"]
-    print(row, flush=True)
-    return row
+        row["eager err"] = max_err(make().cuda()(*args), ref64)
+        return compare(row, make, args, ref64, "norm_slice_rope")
 
 
 def main():
@@ -104,17 +83,7 @@ def main():
     rows = [run(b, *c) for b in a.blocks.split(",") for c in CASES]
     cols = ["block", "case", "tokens", "heads", "fused sites", "inductor us", "qkfuse us", "speedup", "eager err",
             "inductor err", "qkfuse err"]
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, device time "
-             "(CUDA-graph replay, median of 3 x do_bench_cudagraph); qkfuse with kernels='triton'", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(a.out, "slice.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(a.out, "slice.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_table(rows, cols, a.out, "slice")
 
 
 if __name__ == "__main__":
