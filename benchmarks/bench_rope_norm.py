@@ -9,7 +9,8 @@ Two spellings at the models' attention shapes (bf16, heads of 128), prefill toke
 - HunYuan (dense 7B): 32 q / 8 kv heads, HF's neox RoPE on [B, H, S, D], then the RMSNorm with weight.
 Blocks: ``qk`` (tests/patterns/test_rope_norm.py's RopeNormQK alone) and ``attention`` (then SDPA
 with a v of k's shape, GQA expanded as HF's repeat_kv does). Device time: CUDA-graph replay of one
-call (median of 3 x do_bench_cudagraph). Correctness: max error against the float64 module.
+call (median of 3 x do_bench_cudagraph). Correctness: max error against the float64 module (float32
+once SDPA follows: block_bench.reference_dtype), next to the unfused eager one's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.block_bench import compare, write_table  # noqa: E402
+from benchmarks.block_bench import compare, max_err, reference_dtype, write_table  # noqa: E402
 from tests.patterns import test_rope_norm as rn  # noqa: E402
 
 LLAMA4 = dataclasses.replace(rn.LLAMA4, H=40, Hk=8, D=128, B=1)
@@ -64,8 +65,10 @@ def run(block, name, base, batch, tokens):
 
     row = {"block": block, "case": name, "tokens": f"{batch}x{tokens}", "heads": f"{form.H}/{form.Hk}"}
     with torch.no_grad():
-        ref64 = make(dataclasses.replace(form, dtype=torch.float64)).cuda()(*[t.cuda().double() for t in inputs])
+        ref_dtype = reference_dtype(block)
+        ref64 = make(dataclasses.replace(form, dtype=ref_dtype)).cuda()(*[t.cuda().to(ref_dtype) for t in inputs])
         args = [t.cuda() for t in inputs]
+        row["eager err"] = max_err(make().cuda()(*args), ref64)
         return compare(row, make, args, ref64, "rope_norm")
 
 
@@ -76,7 +79,7 @@ def main():
     a = ap.parse_args()
     rows = [run(b, *c) for b in a.blocks.split(",") for c in CASES]
     cols = ["block", "case", "tokens", "heads", "fused sites", "inductor us", "qkfuse us", "speedup",
-            "inductor err", "qkfuse err"]
+            "eager err", "inductor err", "qkfuse err"]
     write_table(rows, cols, a.out, "rope_norm")
 
 

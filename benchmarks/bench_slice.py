@@ -12,7 +12,8 @@ Two spellings at the models' attention shapes (bf16, heads of 128):
 Blocks: ``qk`` (tests/patterns/test_norm_slice_rope.py's SliceRopeQK alone) and ``attention`` (then
 SDPA over the [B, H, S, D] q/k with a v of the same shape: what the fused call's layout costs or
 saves downstream). Device time: CUDA-graph replay of one call (median of 3 x do_bench_cudagraph).
-Correctness: each output's max error against the float64 module, next to the unfused eager one's.
+Correctness: each output's max error against the float64 module (float32 once SDPA follows:
+block_bench.reference_dtype), next to the unfused eager one's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.block_bench import compare, max_err, write_table  # noqa: E402
+from benchmarks.block_bench import compare, max_err, reference_dtype, write_table  # noqa: E402
 from tests.patterns import test_norm_slice_rope as sr  # noqa: E402
 
 HUNYUAN = dataclasses.replace(sr.HUNYUAN, D=128, H=24, Hk=24, B=1, plain=256)
@@ -69,7 +70,8 @@ def run(block, name, base, rotated, batch):
 
     row = {"block": block, "case": name, "tokens": f"{batch}x({rotated}+{form.plain})", "heads": form.H}
     with torch.no_grad():
-        ref64 = make(dataclasses.replace(form, dtype=torch.float64)).cuda()(*[t.cuda().double() for t in inputs])
+        ref_dtype = reference_dtype(block)
+        ref64 = make(dataclasses.replace(form, dtype=ref_dtype)).cuda()(*[t.cuda().to(ref_dtype) for t in inputs])
         args = [t.cuda() for t in inputs]
         row["eager err"] = max_err(make().cuda()(*args), ref64)
         return compare(row, make, args, ref64, "norm_slice_rope")

@@ -2,7 +2,8 @@
 # The device checks still owed, in one call (GPU time is scarce; a machine takes minutes to start):
 #   run(command="bash benchmarks/gpu_pending.sh", timeout_s=600)
 # Outputs go to $OUT (at most 8 files come back) and are committed under benchmarks/results/.
-# Owed after the last device session of 2026-12-02 (H100: benchmarks/results/2026-12-02-h100-*-4.*):
+# Owed after the device run of 2026-12-03 (H200: benchmarks/results/2026-12-03-h200-*; 3 GPU tests failed and
+# both benchmarks ran out of memory in their float64 SDPA reference, now float32 there):
 # - RoPE on a slice of a norm output's rows (norm_slice_rope: HunyuanVideo's cat, CogView4's slice
 #   assignment; one launch per part reading its rows of the one input): tests/gpu/test_slice_gpu.py (in
 #   the GPU tests below) and its device time against Inductor (benchmarks/bench_slice.py, in the same
