@@ -34,10 +34,13 @@ UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16
 def coarsest_rounding(recipe, x_dtype: torch.dtype, has_weight: bool) -> torch.dtype:
     """The coarsest dtype a fused call's recipe rounds to (its spacing sets the tolerance)."""
     dts = [recipe.out_dtype]
+    norm_x = recipe.rope_dtype if recipe.keep_rope_dtype else x_dtype  # (rope_first: the norm's x is the RoPE's)
+    if recipe.rope_first:
+        dts.append(norm_x)
     if recipe.norm == "rms":
         dts.append(recipe.norm_dtype)
         if has_weight and recipe.cast_before_weight:
-            dts.append(x_dtype)
+            dts.append(norm_x)
     if recipe.rotary_dim:
         dts.append(recipe.rope_dtype)
     return max(dts, key=lambda dt: UNIT_ROUNDOFF[dt])

@@ -237,7 +237,7 @@ def _norm_rope_tile(
             m = row_mask & (da < HALF)
             a = tl.load(x_ptr + x_row + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
             b = tl.load(x_ptr + x_row + HALF + da, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if ROPE_FIRST:  # RoPE of x (as the rope dtype), rounded to x's dtype; the norm reads that
+        if ROPE_FIRST:  # RoPE of x (as the rope dtype), rounded to x's dtype (X_CODE); the norm reads that
             a, b = _rotate(_round(a, R_CODE), _round(b, R_CODE), cos_ptr, sin_ptr, c_row, s_row, c_mask, t, t_ok,
                            t_outer, t_inner, n_tokens, c_so, c_si, s_so, c_sd, s_sd, ROT_DIM, HALF_PAD, R_CODE,
                            INTERLEAVED, COS_PER_HEAD, ROPE_CACHE, HALF_TABLE, BLOCK_T, BLOCK_H, NEG_SIN)
@@ -421,7 +421,8 @@ def qk_norm_rope_kernel(
     the weights); W_ROWS: weight and bias have a row per head (ACROSS's [heads * head_dim], or an
     [H, D] weight of a per-head norm: Cohere, StableLM).
 
-    ROPE_FIRST: the RoPE of x first (rounded to x's dtype), then the norm of that (Recipe.rope_first).
+    ROPE_FIRST: the RoPE of x first (rounded to X_CODE: x's dtype, or the RoPE's with Recipe.keep_rope_dtype),
+    then the norm of that (Recipe.rope_first).
 
     qo_off/ko_off/c_off/s_off/q_off/k_off: element offsets of the rows this launch reads or writes in
     the buffers passed as qo_ptr/ko_ptr/cos_ptr/sin_ptr/q_ptr/k_ptr (one part of a concatenation:
@@ -1025,7 +1026,8 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         HAS_WEIGHT=has_weight,
         WEIGHT_OFFSET=float(recipe.weight_offset),
         CAST_BEFORE=bool(recipe.cast_before_weight),
-        X_CODE=DTYPE_CODES[q.dtype],
+        # (the dtype the norm's x is rounded to: with rope_first, the RoPE's output's)
+        X_CODE=DTYPE_CODES[recipe.rope_dtype if recipe.keep_rope_dtype else q.dtype],
         Y_CODE=DTYPE_CODES[recipe.norm_dtype],
         R_CODE=DTYPE_CODES[recipe.rope_dtype],
         INTERLEAVED=bool(recipe.interleaved),

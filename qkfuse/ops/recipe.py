@@ -40,7 +40,10 @@ graph's numerics instead of "something close":
     (rope_first: the two steps swap. The RoPE above runs on y = float(x), its output rounded to
     rope_dtype and then to x's dtype; the norm above then reads that as its x, and its output y,
     rounded to norm_dtype, is the result (-> out_dtype). Llama4's L2 norm, nanochat, HunYuan:
-    q = norm(rope(q)). Per head only.)
+    q = norm(rope(q)). Per head only. With keep_rope_dtype the RoPE's output is not rounded to x's
+    dtype: the norm reads it as rope_dtype, and its casts "to the input's dtype" are to rope_dtype.
+    That is Llama4's graph on torch < 2.13, whose joint-graph pass drops the bf16 -> float32 round
+    trip between the RoPE's type_as and the norm's x.float().)
 
 A rounding "to float32" is a no-op: the kernels keep float32 intermediates and round only at the
 steps the graph rounds at.
@@ -84,6 +87,8 @@ class Recipe:
     rope_first: bool = False
     # True: rot(y) is rotate_half's negation, cat(y2, -y1) (nanochat): computed as sin negated
     negate_sin: bool = False
+    # True (rope_first only): the norm reads the RoPE's output unrounded, in rope_dtype (see above)
+    keep_rope_dtype: bool = False
 
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
@@ -103,6 +108,7 @@ class Recipe:
             bool(self.deinterleave_input),
             bool(self.rope_first),
             bool(self.negate_sin),
+            bool(self.keep_rope_dtype),
         )
 
     @classmethod
@@ -118,7 +124,8 @@ class Recipe:
             rope_part = (("interleaved" if self.interleaved else "neox") + f" rope[{self.rotary_dim}]"
                          + (" half-table" if self.half_table else "")
                          + (" de-interleaved" if self.deinterleave_input else "")
-                         + (" -sin" if self.negate_sin else ""))
+                         + (" -sin" if self.negate_sin else "")
+                         + (f" ({_dtype_name(self.rope_dtype)} into the norm)" if self.keep_rope_dtype else ""))
         if rope_part and self.rope_first:
             parts.append(rope_part)
         if self.norm in ("rms", "layer"):
@@ -216,6 +223,8 @@ def check_recipe(recipe: Recipe) -> None:
                              f"got norm={recipe.norm!r}")
     if recipe.negate_sin and not recipe.rotary_dim:
         raise ValueError("qkfuse: negate_sin is set but rotary_dim=0")
+    if recipe.keep_rope_dtype and not recipe.rope_first:
+        raise ValueError("qkfuse: keep_rope_dtype is set but rope_first is not (it is the rounding between the two)")
     if recipe.rope_first:
         if not recipe.rotary_dim or recipe.norm == "none":
             raise ValueError("qkfuse: rope_first needs a RoPE (rotary_dim > 0) and a norm after it")

@@ -108,13 +108,17 @@ def match_site(add: Node) -> Site:
     if rows is None:
         raise Refused("a view before the RoPE moves data across rows")
     x = rows.src
-    if dtype_of(rope_out) != dtype_of(x):
-        raise Refused(f"the RoPE returns {dtype_of(rope_out)} for a {dtype_of(x)} input: the recipe rounds the "
-                      "RoPE's output to its input's dtype before the norm")
+    rope_part = r.recipe_part()
+    # The norm reads the RoPE's output rounded to x's dtype, or (torch < 2.13's joint graph drops the
+    # bf16 -> float32 round trip of a type_as before x.float()) unrounded, as the RoPE computed it.
+    keep = dtype_of(rope_out) != dtype_of(x)
+    if keep and dtype_of(rope_out) != rope_part["rope_dtype"]:
+        raise Refused(f"the RoPE computes in {rope_part['rope_dtype']} and returns {dtype_of(rope_out)} for a "
+                      f"{dtype_of(x)} input: the recipe rounds its output to the input's dtype or keeps it")
     require_static_head_dim(x)
-    # (the RoPE's out_dtype is x's: the recipe's rounding after the RoPE; the result is the norm's)
-    recipe = Recipe(**norm.recipe_part(), **{**r.recipe_part(), "out_dtype": dtype_of(y)}, rope_first=True,
-                    weight_heads_dim=norm.heads_dim)
+    # (the RoPE's out_dtype is the rounding after the RoPE: x's; the result is the norm's)
+    recipe = Recipe(**norm.recipe_part(), **{**rope_part, "out_dtype": dtype_of(y)}, rope_first=True,
+                    weight_heads_dim=norm.heads_dim, keep_rope_dtype=keep)
     interior = [n for n in (*r.interior, *rows.nodes, *views, *norm.interior) if n is not x]
     interior = list(dict.fromkeys(interior))
     check_interior(interior, y)

@@ -1146,9 +1146,35 @@ def test_rope_first(interp, layout, rope, dtype):
             assert error_units(q_out, usual, scale, coarse) > tolerance_units(c), (norm, weight)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rope", ["neox", "half_table"])
+def test_rope_first_keeps_the_rope_dtype(interp, layout, rope):
+    """Recipe.keep_rope_dtype (Llama4's graph on torch < 2.13): a bfloat16 x, the RoPE in float32, its
+    output read by the norm unrounded; all in float32 from there, so the bfloat16 rounding that
+    keep_rope_dtype=False adds is thousands of float32 units away and the kernel must not make it."""
+    for norm, weight in (("l2", False), ("rms", True)):
+        c = _rope_first_case(torch.bfloat16, layout, rope, norm, weight, False)
+        c = dataclasses.replace(c, recipe=dataclasses.replace(
+            c.recipe, rope_dtype=torch.float32, norm_dtype=torch.float32, out_dtype=torch.float32,
+            keep_rope_dtype=True), weight_dtype=torch.float32, cos_dtype=torch.float32)
+        q, k, qw, kw, cos, sin = _half_inputs(c, True) if rope == "half_table" else make_inputs(c)
+        check_qk(q, k, qw, kw, cos, sin, c.recipe)
+        assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
+        q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
+        _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+        _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+        rounded = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, keep_rope_dtype=False))
+        scale = tensor_scale(rounded, q, qw, c.q_eps, c.recipe)
+        assert error_units(q_out, rounded, scale, torch.float32) > 100 * tolerance_units(c), norm
+
+
 def test_rope_first_recipe_checks():
     with pytest.raises(ValueError, match="rope_first needs a RoPE"):
         check_recipe(Recipe(rotary_dim=0, rope_first=True))
     with pytest.raises(ValueError, match="per-head norm"):
         check_recipe(Recipe(rotary_dim=8, rope_first=True, norm_heads_dim=-2))
     assert Recipe(rotary_dim=8, rope_first=True).describe() == "neox rope[8] then rms"
+    with pytest.raises(ValueError, match="keep_rope_dtype is set but rope_first is not"):
+        check_recipe(Recipe(rotary_dim=8, keep_rope_dtype=True))
+    assert Recipe(rotary_dim=8, rope_first=True, keep_rope_dtype=True).describe() == \
+        "neox rope[8] (float32 into the norm) then rms"

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qkfuse.ops.recipe import DTYPE_CODES
 from qkfuse.options import Options
 from tests.graph_harness import (assert_equal_to_graph, graph_tolerance, run_pass, run_pass_as_cuda,
                                  scale_error)
@@ -28,7 +29,9 @@ from tests.graph_harness import (assert_equal_to_graph, graph_tolerance, run_pas
 
 @dataclasses.dataclass(frozen=True)
 class Form:
-    rope: str  # "neox" | "interleaved" | "complex" | "partial" | "flipped" (nanochat)
+    # "neox" | "interleaved" | "complex" | "partial" | "flipped" (nanochat) | "complex_f32" (Llama4's RoPE
+    # with no type_as before the norm's x.float(): the graph torch < 2.13's joint-graph pass makes of it)
+    rope: str
     norm: str  # "hf_rms" (weight, cast before) | "rms_w" | "rms" (F.rms_norm) | "l2" (Llama4) | "layer"
     layout: str  # "bshd" | "bhsd"
     H: int
@@ -48,9 +51,10 @@ def rope(x, cos, sin, f: Form):
         xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
         rot = torch.stack([-xi, xr], dim=-1).flatten(-2)
         return (x.float() * cos + rot.float() * sin).to(x.dtype)
-    if f.rope == "complex":  # Llama4: view_as_complex(x pairs) * freqs_cis (here `cos`), type_as(x)
+    if f.rope in ("complex", "complex_f32"):  # Llama4: view_as_complex(x pairs) * freqs_cis (here `cos`), type_as(x)
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * cos).flatten(-2).type_as(x)
+        out = torch.view_as_real(xc * cos).flatten(-2)
+        return out if f.rope == "complex_f32" else out.type_as(x)
     rd = f.rotary_dim
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
@@ -72,9 +76,9 @@ class HFRMSNorm(torch.nn.Module):  # Llama / HunYuan: float32 statistics, cast b
         return self.weight * h.to(x.dtype)
 
 
-def l2norm(x, eps=1e-6):  # Llama4's L2Norm (no weight)
+def l2norm(x, eps=1e-6, like=None):  # Llama4's L2Norm (no weight); the result in like's dtype (x's)
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x if like is None else like)
 
 
 class RopeNormQK(torch.nn.Module):
@@ -101,15 +105,14 @@ class RopeNormQK(torch.nn.Module):
     def forward(self, q, k, cos, sin):
         f = self.f
         cos, sin = (t[None, :, None, :] if f.layout == "bshd" else t[None, None] for t in (cos, sin))
-        if f.rope == "complex":  # one freqs_cis for q and k, as Llama4's rotary embedding returns
+        if f.rope.startswith("complex"):  # one freqs_cis for q and k, as Llama4's rotary embedding returns
             cos, sin = torch.complex(cos, sin), None
         out = []
         for norm, x, heads in ((self.norms[0], q, f.H), (self.norms[1], k, f.Hk)):
             x = x.unflatten(-1, (heads, -1))
             if f.layout == "bhsd":
                 x = x.transpose(1, 2)
-            x = rope(x, cos, sin, f)
-            x = l2norm(x) if f.norm == "l2" else norm(x)
+            x = l2norm(rope(x, cos, sin, f), like=x) if f.norm == "l2" else norm(rope(x, cos, sin, f))
             out.append(x.transpose(1, 2) if f.layout == "bshd" else x)
         return tuple(out)
 
@@ -119,7 +122,7 @@ def make_inputs(f: Form, seed: int):
     q = torch.randn(f.B, f.S, f.H * f.D, generator=g).to(f.dtype)
     k = torch.randn(f.B, f.S, f.Hk * f.D, generator=g).to(f.dtype)
     angle = torch.rand(f.S, f.rotary_dim // 2, generator=g) * 2 * math.pi
-    if f.rope == "complex":  # one angle per pair: the real and imaginary parts of freqs_cis, float32
+    if f.rope.startswith("complex"):  # one angle per pair: the real and imaginary parts of freqs_cis, float32
         return q, k, angle.cos(), angle.sin()
     if f.rope == "interleaved":
         angle = angle.repeat_interleave(2, dim=-1)
@@ -132,8 +135,10 @@ def make_inputs(f: Form, seed: int):
 def forms(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     H = draw(st.sampled_from([1, 2, 4]))
-    return Form(draw(st.sampled_from(["neox", "interleaved", "complex", "partial", "flipped"])),
-                draw(st.sampled_from(["hf_rms", "rms_w", "rms", "l2", "layer"])),
+    rope = draw(st.sampled_from(["neox", "interleaved", "complex", "partial", "flipped", "complex_f32"]))
+    # (a float32 RoPE output into a norm with a weight in x's dtype mixes dtypes: the l2 norm, or none)
+    norms = ["l2", "rms"] if rope == "complex_f32" else ["hf_rms", "rms_w", "rms", "l2", "layer"]
+    return Form(rope, draw(st.sampled_from(norms)),
                 draw(st.sampled_from(["bshd", "bhsd"])), H, draw(st.sampled_from(sorted({1, H}))),
                 draw(st.sampled_from([8, 16])), draw(st.integers(1, 2)), draw(st.integers(1, 5)), dtype)
 
@@ -166,12 +171,14 @@ def test_rope_then_norm_fuses_equal_to_the_graph(f, dynamic, seed):
 
 
 LLAMA4 = Form("complex", "l2", "bshd", 4, 2, 16, 2, 5, torch.bfloat16)
+LLAMA4_F32 = dataclasses.replace(LLAMA4, rope="complex_f32")  # Llama4's graph on torch < 2.13
 HUNYUAN = Form("neox", "hf_rms", "bhsd", 4, 2, 16, 2, 5, torch.bfloat16)
 NANOCHAT = Form("flipped", "rms", "bhsd", 4, 2, 16, 2, 5, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kernels", ["inline", "reference"])
-@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN, NANOCHAT], ids=["llama4", "hunyuan", "nanochat"])
+@pytest.mark.parametrize("form", [LLAMA4, LLAMA4_F32, HUNYUAN, NANOCHAT],
+                         ids=["llama4", "llama4_f32", "hunyuan", "nanochat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_llama4_and_hunyuan_are_exact(form, dtype, kernels):
     """The models' own spellings: bit for bit the unfused graph, spliced inline or as
@@ -231,16 +238,31 @@ def test_a_rotated_q_used_elsewhere_is_left_alone():
     _left_alone(fn, "outside", _q(F))
 
 
-def test_a_rope_that_promotes_is_left_alone():
-    """float32 tables on a bfloat16 q (no cast back): the RoPE returns float32, the norm reads
-    that; the recipe rounds the RoPE's output to the input dtype, so it is refused."""
+def test_a_rope_that_promotes_fuses_with_its_float32_output_kept():
+    """float32 tables on a bfloat16 q (no cast back): the RoPE returns float32 and the norm reads that,
+    unrounded (Recipe.keep_rope_dtype); equal to the graph."""
     f = dataclasses.replace(F, dtype=torch.bfloat16)
     c, s = _tables(f, torch.float32)
 
     def fn(q):
         return (torch.nn.functional.rms_norm(rope(q, c, s, f), (f.D,), eps=1e-6),)
 
-    _left_alone(fn, "the RoPE returns torch.float32 for a torch.bfloat16 input", _q(f, torch.bfloat16))
+    run = run_pass(fn, _q(f, torch.bfloat16))
+    assert [(r.family, r.fused) for r in run.records] == [("rope_norm", True)], run.records
+    assert "(float32 into the norm)" in run.records[0].recipe, run.records
+    assert_equal_to_graph(run, torch.float32)  # (the result is float32)
+
+
+def test_a_rope_cast_to_a_third_dtype_is_left_alone():
+    """A bfloat16 RoPE whose output is cast to float16 before the norm: neither rounded to the input's
+    dtype nor kept as the RoPE computed it; refused."""
+    f = dataclasses.replace(F, dtype=torch.bfloat16)
+    c, s = _tables(f)
+
+    def fn(q):
+        return (torch.nn.functional.rms_norm(rope(q, c, s, f).half(), (f.D,), eps=1e-6),)
+
+    _left_alone(fn, "the recipe rounds its output to the input's dtype or keeps it", _q(f, torch.bfloat16))
 
 
 def test_a_norm_after_a_transpose_is_not_this_family():
@@ -261,7 +283,8 @@ def _kwargs(node):
     return node.kwargs["kwargs"]
 
 
-@pytest.mark.parametrize("form", [LLAMA4, HUNYUAN, NANOCHAT], ids=["llama4", "hunyuan", "nanochat"])
+@pytest.mark.parametrize("form", [LLAMA4, LLAMA4_F32, HUNYUAN, NANOCHAT],
+                         ids=["llama4", "llama4_f32", "hunyuan", "nanochat"])
 def test_cuda_path_is_one_launch_with_the_rope_first(form):
     """kernels='triton': q and k in one launch of the kernel with ROPE_FIRST, reading the graph's
     inputs where they lie, writing outputs that are what the graph returns (no clone)."""
@@ -270,8 +293,10 @@ def test_cuda_path_is_one_launch_with_the_rope_first(form):
     (call,) = run.kernel_calls()
     kw = _kwargs(call)
     assert kw["ROPE_FIRST"] is True and kw["HAS_K"] is True
-    assert kw["HAS_WEIGHT"] is (form.norm not in ("l2", "rms")) and kw["HALF_TABLE"] is (form.rope == "complex")
+    assert kw["HAS_WEIGHT"] is (form.norm not in ("l2", "rms")) and kw["HALF_TABLE"] is form.rope.startswith("complex")
     assert kw["NEG_SIN"] is (form.rope == "flipped")
+    # the norm reads the RoPE's output as x's dtype, or as float32 where the graph does (Llama4 on torch < 2.13)
+    assert kw["X_CODE"] == DTYPE_CODES[torch.float32 if form.rope == "complex_f32" else form.dtype]
     assert call.kwargs["tensors_to_clone"] == []
     graph_outputs = next(n for n in run.rewritten.graph.nodes if n.op == "output").args[0]
     assert {kw["qo_ptr"], kw["ko_ptr"]} <= {a.args[0] if a.op == "call_function" else a for a in graph_outputs} | set(
