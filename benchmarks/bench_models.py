@@ -35,7 +35,8 @@ back, so clock drift between rounds cancels), its median, 25-75% range, min-max 
   (HF compiles the decode step itself, mode="reduce-overhead" = CUDA graphs; fullgraph and dynamic at
   HF's defaults); prompt --prompt tokens, batch --batches. ms/token = (t(N) - t(N/4)) / (N - N/4) with
   N = --new-tokens: the difference of two generate lengths removes prefill, cache setup and CUDA-graph
-  re-recording (each generate makes a new static cache), leaving the per-token cost a user sees.
+  re-recording (each generate makes a new static cache), leaving the per-token cost a user sees;
+  --generate-rounds A/B rounds (default 15).
 - decode_eager: torch.compile(model) (no CUDA graphs, dynamic=None as users have it; the cache
   length is marked dynamic up front so one compile serves every step) with HF's DynamicCache, batch 1:
   N forward steps after an eager prefill of --prompt tokens. ms/token = time of the N steps / N.
@@ -312,10 +313,11 @@ class Bench:
         """Calls per measurement so that one measurement lasts about `target` seconds."""
         return max(1, min(most, round(target / max(seconds_one_call, 1e-6))))
 
-    def alternate(self, measure):
-        """measure[backend]() -> one number; rounds of A B then B A ...: drift hits both alike."""
+    def alternate(self, measure, rounds=None):
+        """measure[backend]() -> one number; rounds (default --rounds) of A B then B A ...: drift hits
+        both alike."""
         raw = {b: [] for b in measure}
-        for r in range(self.args.rounds):
+        for r in range(rounds or self.args.rounds):
             for b in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
                 raw[b].append(measure[b]())
         return raw
@@ -694,7 +696,7 @@ def case_generate(bench, name, model):
                     return 1e3 * (t_long - t_short) / (long - short)
 
                 graphs = unique_graphs()
-                raw = bench.alternate({b: lambda b=b: ms_per_token(b) for b in BACKENDS})
+                raw = bench.alternate({b: lambda b=b: ms_per_token(b) for b in BACKENDS}, a.generate_rounds)
                 return row(name, "generate", f"bs{batch}", "ms/token", raw, compile_s=compile_s,
                            generate_s_short_long=lengths, new_tokens=[short, long], prompt=a.prompt,
                            recompiled_while_timing=recompiled_since(graphs), **info)
@@ -903,7 +905,7 @@ def row_estimates_s(args, name, case, layers):
     if case == "decode_eager":  # rounds x 2 x N eager-launched steps
         return [compiles + 5.0 + 0.3 * layers]
     # decode_graph: cache prefill, replays and torch.profiler; generate: 2 lengths x rounds x 2 backends
-    per_layer = {"generate": 0.4, "decode_graph": 0.1}[case]
+    per_layer = {"generate": 0.4 * args.generate_rounds / 5, "decode_graph": 0.1}[case]
     return [compiles + {"generate": 8.0, "decode_graph": 4.0}[case] + per_layer * layers] * len(args.batch_list)
 
 
@@ -1102,6 +1104,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help="prefill BxS list (default 1x4096,8x512,1x32768)")
     p.add_argument("--batches", default=None, help="generate / decode_graph batch sizes (default 1,16,64)")
     p.add_argument("--rounds", type=int, default=None, help="alternating A/B rounds (default 5)")
+    p.add_argument("--generate-rounds", type=int, default=None,
+                   help="generate: A/B rounds (default 15, 3 with --quick/--tiny: one generate pair is a "
+                        "fraction of a second, and 5 rounds left +-3%% between runs)")
     p.add_argument("--graph-rounds", type=int, default=None,
                    help="prefill_graph: most A/B rounds of CUDA-graph replay bursts (default 30; 8 with --quick)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens N (default 64)")
@@ -1131,6 +1136,7 @@ def parse_args(argv=None):
     if any(len(shape) != 2 for shape in a.shape_list):
         p.error("--shapes takes BxS,BxS,...")
     a.rounds = a.rounds or (3 if small else 5)
+    a.generate_rounds = a.generate_rounds or (3 if small else 15)
     a.graph_rounds = a.graph_rounds or (8 if small else 30)
     a.new_tokens = a.new_tokens or (8 if a.tiny else 16 if a.quick else 64)
     a.prompt = a.prompt or (16 if a.tiny else 32 if a.quick else 128)

@@ -2,7 +2,7 @@
 alone against the pass with kernels="triton", by device time. kernels="auto" leaves this family to
 Inductor on CUDA until this benchmark says it wins (qkfuse/kernels/policy.py).
 
-    python benchmarks/bench_rope_norm.py [--out DIR]
+    python benchmarks/bench_rope_norm.py [--out DIR] [--blocks qk,attention] [--only llama4]
 
 Two spellings at the models' attention shapes (bf16, heads of 128), prefill token counts:
 - Llama4 (Scout): 40 q / 8 kv heads, the complex RoPE on [B, S, H, D], then the weightless L2Norm;
@@ -76,8 +76,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--blocks", default="qk,attention")
+    ap.add_argument("--only", default="", help="cases whose name starts with this (llama4, hunyuan)")
     a = ap.parse_args()
-    rows = [run(b, *c) for b in a.blocks.split(",") for c in CASES]
+    rows = [run(b, *c) for b in a.blocks.split(",") for c in CASES if c[0].startswith(a.only)]
     cols = ["block", "case", "tokens", "heads", "fused sites", "inductor us", "qkfuse us", "speedup",
             "eager err", "inductor err", "qkfuse err"]
     write_table(rows, cols, a.out, "rope_norm")

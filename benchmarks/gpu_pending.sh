@@ -24,6 +24,17 @@ if [ "${1:-}" = bench ]; then
   tail -60 "$L"
   exit 0
 fi
+if [ "${1:-}" = llama4 ]; then  # rope_norm with Llama4's graph on torch 2.11 (keep_rope_dtype), then generate
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$L"
+  timeout 100 python -m pytest -q -m gpu tests/gpu/test_rope_norm_gpu.py tests/gpu/test_deinterleave_gpu.py \
+    -p no:cacheprovider -p no:logging --tb=short -rfE 2>&1 | grep -v DEBUG | tail -40 > "$OUT/gpu-tests.txt"
+  tail -3 "$OUT/gpu-tests.txt" | tee -a "$L"
+  timeout 130 python benchmarks/bench_rope_norm.py --only llama4 --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -12 >> "$L"
+  timeout 300 python benchmarks/bench_models.py --out "$OUT" --budget 290 --models qwen3 --layers 36 --cases generate \
+    --batches 1,16 --tag qwen3-36l-generate-15 2>&1 | grep -v "Warning\|warn(" | grep "generate\|fn64" | tail -8 >> "$L"
+  tail -40 "$L"
+  exit 0
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
 # 1. The GPU tests (the export test last, it skips where torch alone cannot), then bench_slice.
