@@ -17,10 +17,13 @@
   apply_rotary_pos_emb_interleave, Recipe.deinterleave_input: 1.14x-2.87x device time from 64 to 8k
   tokens, benchmarks/results/2026-12-02-h200-deinterleave.md); so are norms concatenated before the
   RoPE (norm_cat_rope, Flux's double-stream blocks: 2.6x-3.1x on the q/k block, 1.04x-1.32x on the
-  attention block, benchmarks/results/2026-12-02-h200-concat.md). Not yet timed on a GPU, so left to
-  Inductor under ``auto`` on CUDA (``triton`` fuses them): RoPE then norm (Recipe.rope_first, the
-  rope_norm family: benchmarks/bench_rope_norm.py) and RoPE on a slice of a norm output's rows (the
-  norm_slice_rope family, held in passes/fuse.py: benchmarks/bench_slice.py).
+  attention block, benchmarks/results/2026-12-02-h200-concat.md); so is RoPE on a slice of a norm
+  output's rows (norm_slice_rope: HunyuanVideo, CogView4: 1.58x-3.79x on the q/k block, 1.01x-1.17x
+  on the attention block, benchmarks/results/2026-12-03-h200-slice.md). Left to Inductor under
+  ``auto`` on CUDA (``triton`` fuses it): RoPE then norm (Recipe.rope_first, the rope_norm family),
+  which lost to Inductor for HunYuan's neox RoPE + RMSNorm (0.78x-0.84x on the q/k block,
+  benchmarks/results/2026-12-03-h200-rope_norm.md; Inductor does not round between the RoPE and the
+  norm, the recipe does, as the module does).
 """
 
 from __future__ import annotations
@@ -89,10 +92,8 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     if reason is not None:
         return None, f"triton kernel: {reason}"
     if preference == "auto" and recipe.rope_first:
-        # (the rope_norm family's kernel has not been timed against Inductor on a GPU yet:
-        # benchmarks/gpu_pending.sh)
-        return None, "RoPE then norm (rope_norm) is not measured against Inductor on a GPU yet; left to " \
-                     "Inductor (kernels='triton' fuses it)"
+        return None, ("RoPE then norm (rope_norm): the kernel measured slower than Inductor (0.78x-0.84x, "
+                      "benchmarks/results/2026-12-03-h200-rope_norm.md); left to Inductor (kernels='triton' fuses it)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 

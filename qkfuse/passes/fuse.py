@@ -280,17 +280,8 @@ def _groups_to_try(group, options: Options):
     return [((s,), *_choose((s,), options)) for s in group]
 
 
-# Families whose CUDA launches have not been timed against Inductor (benchmarks/gpu_pending.sh): under
-# kernels="auto" they stay with Inductor on CUDA (fused on CPU, where the splice is inline torch ops).
-_UNMEASURED_ON_CUDA = frozenset({"norm_slice_rope"})
-
-
 def _choose(group, options: Options):
     if isinstance(group[0], ConcatSite):  # one launch per part (q's part i with k's): one kernel for all
-        if (group[0].family in _UNMEASURED_ON_CUDA and options.kernels == "auto"
-                and tensor_val(group[0].x).device.type == "cuda"):
-            return None, (f"{group[0].family} is not measured against Inductor on a GPU yet; left to Inductor "
-                          "(kernels='triton' fuses it)")
         choices = [_choose(parts, options) for parts in zip(*(s.parts for s in group))]
         kernel, note = next(((k, n) for k, n in choices if k is None), choices[0])
         if kernel is not None and any(k != kernel for k, _ in choices):

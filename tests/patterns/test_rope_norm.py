@@ -303,10 +303,10 @@ def test_cuda_path_is_one_launch_with_the_rope_first(form):
         graph_outputs)
 
 
-def test_auto_leaves_it_to_inductor_on_cuda_until_measured():
-    """kernels='auto' on CUDA: not timed against Inductor on a GPU yet, so left unfused, with the
-    reason (kernels='triton' fuses it)."""
+def test_auto_leaves_it_to_inductor_on_cuda():
+    """kernels='auto' on CUDA: the kernel measured slower than Inductor (HunYuan, H200), so left
+    unfused, with the reason (kernels='triton' fuses it)."""
     run = run_pass_as_cuda(RopeNormQK(HUNYUAN), *make_inputs(HUNYUAN, 6))
     assert run.fused == [] and len(run.records) == 2, run.records
-    assert all("not measured against Inductor on a GPU yet" in r.reason for r in run.records), run.records
+    assert all("measured slower than Inductor" in r.reason for r in run.records), run.records
     assert run.kernel_calls() == []
