@@ -20,10 +20,11 @@
   attention block, benchmarks/results/2026-12-02-h200-concat.md); so is RoPE on a slice of a norm
   output's rows (norm_slice_rope: HunyuanVideo, CogView4: 1.58x-3.79x on the q/k block, 1.01x-1.17x
   on the attention block, benchmarks/results/2026-12-03-h200-slice.md). Left to Inductor under
-  ``auto`` on CUDA (``triton`` fuses it): RoPE then norm (Recipe.rope_first, the rope_norm family),
-  which lost to Inductor for HunYuan's neox RoPE + RMSNorm (0.78x-0.84x on the q/k block,
-  benchmarks/results/2026-12-03-h200-rope_norm.md; Inductor does not round between the RoPE and the
-  norm, the recipe does, as the module does).
+  ``auto`` on CUDA (``triton`` fuses it): RoPE then norm (Recipe.rope_first, the rope_norm family)
+  with a full-width cos/sin table, which lost to Inductor for HunYuan's neox RoPE + RMSNorm
+  (0.78x-0.84x on the q/k block, benchmarks/results/2026-12-03-h200-rope_norm.md). With a half
+  table (Llama4's complex RoPE, which Inductor runs as eager complex ops) it is fused: 3.1x-3.4x on
+  the q/k block, 1.05x-1.64x with SDPA after it (benchmarks/results/2026-12-03-h200-rope_norm-llama4.md).
 """
 
 from __future__ import annotations
@@ -91,9 +92,11 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     reason = tk.supports(q, k, cos, recipe, sin, q_weight, k_weight, None, q_bias, k_bias)
     if reason is not None:
         return None, f"triton kernel: {reason}"
-    if preference == "auto" and recipe.rope_first:
-        return None, ("RoPE then norm (rope_norm): the kernel measured slower than Inductor (0.78x-0.84x, "
-                      "benchmarks/results/2026-12-03-h200-rope_norm.md); left to Inductor (kernels='triton' fuses it)")
+    if preference == "auto" and recipe.rope_first and not recipe.half_table:
+        # (Llama4's complex RoPE, a half table, is Inductor's eager fallback for complex ops: 3.1x-3.4x)
+        return None, ("RoPE then norm (rope_norm) with a full-width cos/sin table: the kernel measured slower than "
+                      "Inductor (HunYuan 0.78x-0.84x, benchmarks/results/2026-12-03-h200-rope_norm.md); left to "
+                      "Inductor (kernels='triton' fuses it)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 
