@@ -179,6 +179,23 @@ def _get(obj, name):
         return None
 
 
+_MROPE_DEFAULT_RE = re.compile(r"""get\(\s*["']mrope_section["']\s*,\s*\[([\d,\s]+)\]""")
+
+
+def _mrope_section_in_code(cls) -> list[int] | None:
+    """The mRoPE sections a model's code falls back to when its config has none (a default the tiny
+    head_dim has to be scaled to as well), read from the modeling files beside the config's module."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    for f in sorted(pathlib.Path(path).parent.glob("modeling_*.py")):
+        m = _MROPE_DEFAULT_RE.search(f.read_text(errors="replace"))
+        if m:
+            return [int(x) for x in m.group(1).split(",") if x.strip()]
+    return None
+
+
 def _tiny_kwargs(cls, default, depth: int = 0, parts: list | None = None) -> dict:
     """Constructor kwargs for a tiny `cls` config: TINY on the fields `cls` has, per-layer lists cut
     to the tiny layer count, mRoPE sections scaled to the tiny head_dim, sub-configs (text, vision,
@@ -207,9 +224,16 @@ def _tiny_kwargs(cls, default, depth: int = 0, parts: list | None = None) -> dic
     if "kv_lora_rank" in fields and "num_attention_heads" in kw:
         kw["num_key_value_heads"] = kw["num_attention_heads"]  # multi-head latent attention: no GQA
     rope = _get(default, "rope_parameters")
-    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), (list, tuple)) and "head_dim" in kw:
+    head_dim = kw.get("head_dim") or (kw["hidden_size"] // kw["num_attention_heads"]
+                                      if {"hidden_size", "num_attention_heads"} <= kw.keys() else None)
+    if isinstance(rope, dict) and "mrope_section" not in rope and head_dim:
+        in_code = _mrope_section_in_code(cls)  # (GLM-OCR: rope_parameters.get("mrope_section", [8, 12, 12]))
+        if in_code:
+            rope = dict(rope, mrope_section=in_code)
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), (list, tuple)) and head_dim:
         sec = list(rope["mrope_section"])
-        half, total = kw["head_dim"] // 2, sum(sec)
+        rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        half, total = rotary // 2, sum(sec)
         scaled = [max(1, round(x * half / total)) for x in sec]
         scaled[0] += half - sum(scaled)
         kw["rope_parameters"] = dict(rope, mrope_section=scaled)

@@ -113,3 +113,18 @@ def test_resumed_header_keeps_the_previous_runs(tmp_path):
     again = scan._previous_header(meta, md)
     assert again[1] == "note C" and again[2:] == legacy
     assert all(f"- {line}" in scan.render_markdown([], {**meta, "versions": {}, "history": again}) for line in again)
+
+
+def test_tiny_config_scales_an_mrope_section_that_only_the_model_code_sets():
+    """GLM-OCR's text config has no mrope_section; its rotary embedding falls back to [8, 12, 12]
+    (half of head_dim 64). The tiny config (head_dim 16 from hidden 64 / 4 heads) carries that default
+    scaled to 8, so the model builds and runs."""
+    pytest.importorskip("transformers")
+    try:
+        from transformers.models.glm_ocr.configuration_glm_ocr import GlmOcrTextConfig
+    except ImportError:
+        pytest.skip("this transformers has no GLM-OCR")
+    assert scan._mrope_section_in_code(GlmOcrTextConfig) == [8, 12, 12]
+    kw = scan._tiny_kwargs(GlmOcrTextConfig, GlmOcrTextConfig())
+    section = kw["rope_parameters"]["mrope_section"]
+    assert sum(section) == kw["hidden_size"] // kw["num_attention_heads"] // 2 and len(section) == 3, kw
