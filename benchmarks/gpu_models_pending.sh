@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole-model rows issue 6 still owes at full depth, split into device calls of under 10 minutes:
-#   run(command="bash benchmarks/gpu_models_pending.sh A", timeout_s=600)   # then B, C, D
+#   run(command="bash benchmarks/gpu_models_pending.sh A", timeout_s=600)   # then B, C, D, E
+# Still owed after 2026-12-03 (benchmarks/results/2026-12-03-h200-models-all.md has the rest): D (the
+# 36-layer 1x32768 prefill, decode_eager again) and E (the 36-layer wall-clock prefill rows).
 # Each writes <tag>.{json,md,png} to $OUT; merge them with
 #   python benchmarks/bench_models.py --render <the JSONs> --tag <date>-h200-models-36l
 set -uo pipefail
@@ -13,5 +15,6 @@ case "${1:-A}" in
   B) $BENCH --budget 280 --models qwen3 --layers 36 --cases decode_eager,decode_graph --batches 16 --tag qwen3-36l-decode \
        && $BENCH --models flux --cases prefill_graph --shapes 1x32768,1x4096,8x512 --budget 250 --tag flux-prefill ;;
   D) $BENCH --budget 540 --models qwen3 --layers 36 --cases prefill,decode_eager --shapes 1x32768 --batches 1 --tag qwen3-36l-32k ;;
+  E) $BENCH --budget 540 --models qwen3 --layers 36 --cases prefill --shapes 1x4096,8x512 --tag qwen3-36l-prefill ;;
   C) $BENCH --budget 540 --models gemma3 --cases prefill_graph,decode_graph --shapes 1x4096,8x512 --batches 1,16,64 --tag gemma3 ;;
 esac

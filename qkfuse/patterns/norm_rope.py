@@ -182,12 +182,8 @@ def match_concat_site(add: Node) -> ConcatSite:
                       first.recipe, interior, [], parts=tuple(sites))
 
 
-class NormRope:
+class NormRope(rope.AtRopes):
     name = FAMILY
-    pairs_only = False
-
-    def candidates(self, graph: torch.fx.Graph):
-        return (n for n in graph.nodes if rope.is_candidate(n))
 
     def match(self, candidate: Node, ctx: MatchContext) -> Site:
         return match_site(candidate)

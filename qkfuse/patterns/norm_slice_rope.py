@@ -172,12 +172,8 @@ def match_slice_site(add: Node) -> ConcatSite:
                       interior, [], bias=norm.bias, parts=tuple(parts))
 
 
-class NormSliceRope:
+class NormSliceRope(rope.AtRopes):
     name = FAMILY
-    pairs_only = False
-
-    def candidates(self, graph: torch.fx.Graph):
-        return (n for n in graph.nodes if rope.is_candidate(n))
 
     def match(self, candidate: Node, ctx: MatchContext) -> Site:
         return match_slice_site(candidate)

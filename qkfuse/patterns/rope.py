@@ -348,6 +348,15 @@ def _complex_rope(cr: ComplexRotation) -> RopeMatch:
                    torch.float32, [*cr.nodes, *widened], half_table=True)
 
 
+class AtRopes:
+    """Base of the families whose candidates are the graph's RoPE outputs (norm_rope, norm_cat_rope,
+    rope, norm_slice_rope, rope_norm); a family adds its name and match()."""
+    pairs_only = False
+
+    def candidates(self, graph):
+        return (n for n in graph.nodes if is_candidate(n))
+
+
 def is_candidate(n: Node) -> bool:
     """An add of two products, one with a rotate_half-like operand, an explicit pair rotation (DeepSeek's
     de-interleaved RoPE among them), or a complex multiply."""

@@ -14,7 +14,6 @@ conditions (rope.py).
 
 from __future__ import annotations
 
-import torch
 from torch.fx import Node
 
 from ..ops.recipe import Recipe
@@ -126,12 +125,8 @@ def match_site(add: Node) -> Site:
                 bias=norm.bias)
 
 
-class RopeNorm:
+class RopeNorm(rope.AtRopes):
     name = FAMILY
-    pairs_only = False
-
-    def candidates(self, graph: torch.fx.Graph):
-        return (n for n in graph.nodes if rope.is_candidate(n))
 
     def match(self, candidate: Node, ctx: MatchContext) -> Site:
         return match_site(candidate)

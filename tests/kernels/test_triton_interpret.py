@@ -1120,6 +1120,18 @@ def _rope_first_case(dtype, layout, rope, norm, weight, cast_before):
                 scale=1.0, config=None, seed=41)
 
 
+def _launch_rope_first(interp, c: Case, rope: str):
+    """q and k of case c through the interpreted kernel, each checked against the reference; (q's
+    output, q, its weight, cos, sin) for the caller's further checks."""
+    q, k, qw, kw, cos, sin = _half_inputs(c, True) if rope == "half_table" else make_inputs(c)
+    check_qk(q, k, qw, kw, cos, sin, c.recipe)
+    assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
+    q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
+    _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
+    _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+    return q_out, q, qw, cos, sin
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rope", ["neox", "interleaved", "partial", "half_table", "negate_sin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1130,12 +1142,7 @@ def test_rope_first(interp, layout, rope, dtype):
     for norm, weight, cast_before in (("rms", True, True), ("rms", False, False), ("l2", False, False),
                                       ("layer", True, False)):
         c = _rope_first_case(dtype, layout, rope, norm, weight, cast_before)
-        q, k, qw, kw, cos, sin = _half_inputs(c, True) if rope == "half_table" else make_inputs(c)
-        check_qk(q, k, qw, kw, cos, sin, c.recipe)
-        assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
-        q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
-        _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
-        _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+        q_out, q, qw, cos, sin = _launch_rope_first(interp, c, rope)
         norm_first = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, rope_first=False))
         # outside the tolerance the kernel is held to: the norm-first recipe would fail this test
         coarse = coarsest_rounding(c.recipe, c.dtype, c.has_weight)
@@ -1157,12 +1164,7 @@ def test_rope_first_keeps_the_rope_dtype(interp, layout, rope):
         c = dataclasses.replace(c, recipe=dataclasses.replace(
             c.recipe, rope_dtype=torch.float32, norm_dtype=torch.float32, out_dtype=torch.float32,
             keep_rope_dtype=True), weight_dtype=torch.float32, cos_dtype=torch.float32)
-        q, k, qw, kw, cos, sin = _half_inputs(c, True) if rope == "half_table" else make_inputs(c)
-        check_qk(q, k, qw, kw, cos, sin, c.recipe)
-        assert tk.supports(q, k, cos, c.recipe, sin, qw, kw) is None
-        q_out, k_out = interp.launch(q, k, qw, kw, cos, sin, c.q_eps, c.k_eps, c.recipe)
-        _check_against_reference(q_out, q, qw, cos, sin, c.q_eps, c)
-        _check_against_reference(k_out, k, kw, cos, sin, c.k_eps, c)
+        q_out, q, qw, cos, sin = _launch_rope_first(interp, c, rope)
         rounded = norm_rope_reference(q, qw, cos, sin, c.q_eps, dataclasses.replace(c.recipe, keep_rope_dtype=False))
         scale = tensor_scale(rounded, q, qw, c.q_eps, c.recipe)
         assert error_units(q_out, rounded, scale, torch.float32) > 100 * tolerance_units(c), norm
