@@ -2,16 +2,13 @@
 # The device checks still owed, in one call (GPU time is scarce; a machine takes minutes to start):
 #   run(command="bash benchmarks/gpu_pending.sh", timeout_s=600)
 # Outputs go to $OUT (at most 8 files come back) and are committed under benchmarks/results/.
-# Owed after the device run of 2026-12-03 (H200: benchmarks/results/2026-12-03-h200-*; 3 GPU tests failed and
-# both benchmarks ran out of memory in their float64 SDPA reference, now float32 there):
-# - RoPE on a slice of a norm output's rows (norm_slice_rope: HunyuanVideo's cat, CogView4's slice
-#   assignment; one launch per part reading its rows of the one input): tests/gpu/test_slice_gpu.py (in
-#   the GPU tests below) and its device time against Inductor (benchmarks/bench_slice.py, in the same
-#   call), which decides whether kernels="auto" keeps fusing it on CUDA;
-# - RoPE then norm (rope_norm: Llama4, HunYuan; Recipe.rope_first): tests/gpu/test_rope_norm_gpu.py and
-#   benchmarks/bench_rope_norm.py (in the same call), which decides whether kernels="auto" fuses it
-#   on CUDA (held until then);
-# - issue 6's whole-model rows on the H200 again: bash benchmarks/gpu_models_pending.sh A, then D.
+# Owed after the device runs of 2026-12-03 (H200: benchmarks/results/2026-12-03-h200-*; the GPU tests and
+# bench_slice / bench_rope_norm ran; norm_slice_rope and Llama4's rope_norm are fused under auto since):
+# - why rope_first (HunYuan's RoPE then RMSNorm, full-width tables) loses to Inductor (0.78x-0.84x):
+#   `bash benchmarks/gpu_pending.sh tune` (the kernel at HunYuan's shapes against norm-first on the
+#   same inputs and over tiles); then, if a tile wins, benchmarks/bench_rope_norm.py --only hunyuan;
+# - the whole GPU test suite once more on the current tree (`bash benchmarks/gpu_pending.sh`);
+# - issue 6's whole-model rows still owed: bash benchmarks/gpu_models_pending.sh D, then E.
 set -uo pipefail
 OUT=${OUT:-/tmp/qkfuse-out}
 mkdir -p "$OUT"
@@ -22,6 +19,12 @@ if [ "${1:-}" = bench ]; then
   timeout 330 python benchmarks/bench_concat.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -30 >> "$L"
   timeout 230 python benchmarks/bench_deinterleave.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 >> "$L"
   tail -60 "$L"
+  exit 0
+fi
+if [ "${1:-}" = tune ]; then
+  timeout 300 python benchmarks/tune_rope_first.py --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -20 | tee "$L"
+  mkdir -p "$OUT/16k"
+  timeout 250 python benchmarks/tune_rope_first.py --tokens 16384 --out "$OUT/16k" 2>&1 | grep -v "Warning\|warn" | tail -20 | tee -a "$L"
   exit 0
 fi
 if [ "${1:-}" = llama4 ]; then  # rope_norm with Llama4's graph on torch 2.11 (keep_rope_dtype), then generate
