@@ -8,13 +8,20 @@ FX-graph-cache counters, how many times a qkfuse:: op ran during one forward (pr
 whether qkfuse was imported (by the entry point) at all.
 """
 
-import argparse
-import json
+import os
 import sys
 
-import torch
-from torch._dynamo.utils import counters
-from transformers import Qwen3Config, Qwen3ForCausalLM
+# Run as a script, this file's folder (tests/) is sys.path[0], and its kernels/ package would then
+# shadow the `kernels` library that transformers (5.25+) imports: take the folder off the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 
 def main():

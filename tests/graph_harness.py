@@ -134,6 +134,21 @@ def assert_equal_to_graph(run: PassRun, dtype: torch.dtype, context=None) -> Non
         assert scale_error(out, ref) <= tol, (context, scale_error(out, ref))
 
 
+def assert_no_worse_than_graph_in_float64(run: PassRun, ref64, dtype: torch.dtype, tol: float | None = None) -> None:
+    """Against the float64 module's outputs, each rewritten output is no further than the unfused
+    graph's, but for `tol` (default graph_tolerance(dtype)) at the tensor's scale."""
+    tol = graph_tolerance(dtype) if tol is None else tol
+    for out, ref, r64 in zip(run.out, run.ref, ref64):
+        assert scale_error(out, r64) <= scale_error(ref, r64) + tol, (scale_error(out, r64), scale_error(ref, r64))
+
+
+def static_widths(args) -> None:
+    """Mark every tensor's last dim static (head widths come from Linear weights and configs), so a
+    dynamic=True trace makes only batch and sequence symbolic."""
+    for t in args:
+        torch._dynamo.mark_static(t, t.dim() - 1)
+
+
 def assert_left_alone(run: PassRun, reason: str | None) -> None:
     """Nothing fused; every candidate refused with `reason` (None: no candidate at all); the outputs
     the unfused graph's, exactly."""

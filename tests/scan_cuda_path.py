@@ -24,7 +24,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# tests/ off the path (run as a script it is sys.path[0]: its kernels/ package would shadow the
+# `kernels` library that transformers imports), the repository root on it
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if pathlib.Path(p or os.curdir).resolve() != ROOT / "tests"]
 # What the kernel policy says of a site it leaves to Inductor because its kernel mode has no GPU
 # measurement yet (kernels/policy.py): counted as "policy", not as a CUDA-path failure.
 POLICY_HOLD = "not yet measured against Inductor"

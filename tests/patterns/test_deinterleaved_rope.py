@@ -32,8 +32,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkfuse.options import Options
-from tests.graph_harness import (assert_equal_to_graph, assert_left_alone, graph_tolerance, run_pass, run_pass_as_cuda,
-                                 scale_error)
+from tests.graph_harness import (assert_equal_to_graph, assert_left_alone, graph_tolerance, run_pass,
+                                 run_pass_as_cuda, scale_error, static_widths)
 
 ROPE = Options(families=("rope",))
 
@@ -181,9 +181,8 @@ def forms(draw):
 @given(f=forms(), dynamic=st.sampled_from([False, False, True]), seed=st.integers(0, 2**16))
 def test_deinterleaved_rope_fuses_equal_to_the_graph(f, dynamic, seed):
     args = make_inputs(f, seed)
-    if dynamic:  # widths come from Linear weights / configs: static; batch and sequence symbolic
-        for t in args:
-            torch._dynamo.mark_static(t, t.dim() - 1)
+    if dynamic:  # widths static; batch and sequence symbolic
+        static_widths(args)
     run = run_pass(DeepseekRope(f), *args, dynamic=dynamic, options=ROPE)
     assert_fused(run, f)
 
