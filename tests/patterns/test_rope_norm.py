@@ -187,6 +187,16 @@ def test_llama4_and_hunyuan_are_exact(form, dtype, kernels):
         assert torch.equal(out, ref)
 
 
+def test_a_layer_norm_of_a_transposed_rope_is_read_through_its_clone():
+    """F.layer_norm on a [B, H, S, D] RoPE output (a transposed view) makes it contiguous first: a
+    clone between the RoPE and the var_mean. Both sites fuse (Hypothesis found q refused there)."""
+    f = Form("neox", "layer", "bhsd", 2, 1, 8, 1, 2, torch.float32)
+    run = run_pass(RopeNormQK(f), *make_inputs(f, 0))
+    assert any(n.target == torch.ops.aten.clone.default for n in run.original.graph.nodes)
+    _check_fused(run, f)
+    assert_equal_to_graph(run, f.dtype, f)
+
+
 def test_the_family_can_be_switched_off():
     run = run_pass(RopeNormQK(HUNYUAN), *make_inputs(HUNYUAN, 2), options=Options(families=("norm_rope",)))
     assert run.fused == [] and len(run.refused) == 2, run.records
