@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 
+from .options import DEFAULT_FAMILIES
+
 RESULT_TAG = "QKFUSE_SCAN_RESULT "
 STAGE_TAG = "QKFUSE_SCAN_STAGE "
 SEQ_LEN = 12
@@ -57,6 +59,7 @@ TINY = dict(
     num_shared_experts=1, moe_num_experts=4, moe_topk=2, moe_k=2,
     # multi-head latent attention
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    index_num_heads=2, index_layers=[1],  # sparse-attention indexers (Kolibri): within the tiny heads, layers
     rotary_dim=8,  # GPT-J / CodeGen: partial rotary, as in the real configs
     # windows / sharing / vision towers
     sliding_window=8, attention_chunk_size=8, num_kv_shared_layers=0, depth=2, image_size=32, patch_size=8,
@@ -698,7 +701,7 @@ def render_markdown(rows: list[dict], meta: dict, note: str = "") -> str:
            f"date {v.get('date')}",
            f"- command: `{meta.get('command', '')}`",
            f"- dtype {meta.get('dtype')}, batch {BATCH}, sequence {SEQ_LEN} (transformers), "
-           f"families {meta.get('families') or 'default (norm_rope)'}, "
+           f"families {meta.get('families') or 'default (' + ','.join(DEFAULT_FAMILIES) + ')'}, "
            f"timeout {meta.get('timeout')} s per architecture",
            "- status: fused (every candidate site fused) / partly fused / refused (candidates found, none fused) / "
            "no sites (no RoPE candidate in the compiled graphs) / build error (no tiny config, model or input; "
