@@ -34,7 +34,7 @@ UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16
 def coarsest_rounding(recipe, x_dtype: torch.dtype, has_weight: bool) -> torch.dtype:
     """The coarsest dtype a fused call's recipe rounds to (its spacing sets the tolerance)."""
     dts = [recipe.out_dtype]
-    norm_x = recipe.rope_dtype if recipe.keep_rope_dtype else x_dtype  # (rope_first: the norm's x is the RoPE's)
+    norm_x = recipe.norm_input_dtype(x_dtype)
     if recipe.rope_first:
         dts.append(norm_x)
     if recipe.norm == "rms":

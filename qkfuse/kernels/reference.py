@@ -70,7 +70,7 @@ def norm_rope_reference(
     Inductor compiles: it plans layouts itself)."""
     x_in, rope_first = x, recipe.rope_first and bool(recipe.rotary_dim)
     if rope_first:  # RoPE on x, rounded to x's dtype (or kept); then the norm of that (no RoPE after it)
-        x = _rope(x, cos, sin, recipe, recipe.rope_dtype if recipe.keep_rope_dtype else x.dtype)
+        x = _rope(x, cos, sin, recipe, recipe.norm_input_dtype(x.dtype))
     y = x
     if recipe.norm in ("rms", "layer"):
         xf = x.to(torch.float32)

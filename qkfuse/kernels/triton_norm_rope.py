@@ -1026,8 +1026,7 @@ def _launch_full(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps, recipe, trace
         HAS_WEIGHT=has_weight,
         WEIGHT_OFFSET=float(recipe.weight_offset),
         CAST_BEFORE=bool(recipe.cast_before_weight),
-        # (the dtype the norm's x is rounded to: with rope_first, the RoPE's output's)
-        X_CODE=DTYPE_CODES[recipe.rope_dtype if recipe.keep_rope_dtype else q.dtype],
+        X_CODE=DTYPE_CODES[recipe.norm_input_dtype(q.dtype)],
         Y_CODE=DTYPE_CODES[recipe.norm_dtype],
         R_CODE=DTYPE_CODES[recipe.rope_dtype],
         INTERLEAVED=bool(recipe.interleaved),

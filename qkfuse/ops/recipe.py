@@ -90,6 +90,11 @@ class Recipe:
     # True (rope_first only): the norm reads the RoPE's output unrounded, in rope_dtype (see above)
     keep_rope_dtype: bool = False
 
+    def norm_input_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the norm's input is rounded to, and its casts "to the input's dtype" are to: x's,
+        or with rope_first and keep_rope_dtype the RoPE's (the norm reads the RoPE's output)."""
+        return self.rope_dtype if self.keep_rope_dtype else x_dtype
+
     def op_args(self) -> tuple:
         """The trailing positional arguments of the ``qkfuse::*norm_rope`` ops."""
         return (

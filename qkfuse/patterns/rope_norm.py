@@ -57,10 +57,10 @@ def _rsqrts_below(x: Node) -> list[Node]:
     return found
 
 
-def _norm_output(r: Node, x: Node, same: frozenset = frozenset()):
-    """(output, NormMatch) of the norm of x around rsqrt `r`: the farthest node of the single-user
-    chain below r that reads as a norm of x (or of a node in `same`: x before its clones and views,
-    which the norm reader may see through, as it does F.layer_norm's clone)."""
+def _norm_output(r: Node, inputs: frozenset):
+    """(output, NormMatch) of the norm around rsqrt `r`: the farthest node of the single-user chain
+    below r that reads as a norm of one of `inputs` (the RoPE's output and the views and clones after
+    it, which the norm reader may see through, as it does F.layer_norm's clone)."""
     chain, n = [], r
     while len(n.users) == 1 and len(chain) < _CHAIN_LIMIT:
         (n,) = n.users
@@ -72,7 +72,7 @@ def _norm_output(r: Node, x: Node, same: frozenset = frozenset()):
             norm = rms_norm.match_norm(y)
         except Refused:
             continue
-        if norm.x is x or norm.x in same:
+        if norm.x in inputs:
             return y, norm
     return None
 
@@ -89,7 +89,7 @@ def norm_after(r) -> tuple[Node, object, list[Node], Node] | None:
     for out in outputs:
         x, views = _same_layout_views(out)
         for rs in _rsqrts_below(x):
-            found = _norm_output(rs, x, frozenset((out, *views)))
+            found = _norm_output(rs, frozenset((out, *views)))
             if found is not None:
                 return (*found, views, out)
     return None
