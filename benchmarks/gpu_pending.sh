@@ -2,13 +2,10 @@
 # The device checks still owed, in one call (GPU time is scarce; a machine takes minutes to start):
 #   run(command="bash benchmarks/gpu_pending.sh", timeout_s=600)
 # Outputs go to $OUT (at most 8 files come back) and are committed under benchmarks/results/.
-# Owed after the device runs of 2026-12-03 (H200: benchmarks/results/2026-12-03-h200-*; the GPU tests and
-# bench_slice / bench_rope_norm ran; norm_slice_rope and Llama4's rope_norm are fused under auto since):
-# - why rope_first (HunYuan's RoPE then RMSNorm, full-width tables) loses to Inductor (0.78x-0.84x):
-#   `bash benchmarks/gpu_pending.sh tune` (the kernel at HunYuan's shapes against norm-first on the
-#   same inputs and over tiles); then, if a tile wins, benchmarks/bench_rope_norm.py --only hunyuan;
-# - the whole GPU test suite once more on the current tree (`bash benchmarks/gpu_pending.sh`);
-# - issue 6's whole-model rows still owed: bash benchmarks/gpu_models_pending.sh D, then E.
+# Ran on 2026-12-03 (the last session of that day): the whole GPU suite on the tree then (61 passed, 1 skipped,
+# benchmarks/results/2026-12-03-h200-gpu-tests-4.txt) and `tune` (no tile makes rope_first at HunYuan's shapes
+# beat Inductor: benchmarks/results/2026-12-03-h200-tune-rope-first-{4k,16k}.json). Rerun the default after
+# any kernel or pass change.
 set -uo pipefail
 OUT=${OUT:-/tmp/qkfuse-out}
 mkdir -p "$OUT"

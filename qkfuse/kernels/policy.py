@@ -22,7 +22,10 @@
   on the attention block, benchmarks/results/2026-12-03-h200-slice.md). Left to Inductor under
   ``auto`` on CUDA (``triton`` fuses it): RoPE then norm (Recipe.rope_first, the rope_norm family)
   with a full-width cos/sin table, which lost to Inductor for HunYuan's neox RoPE + RMSNorm
-  (0.78x-0.84x on the q/k block, benchmarks/results/2026-12-03-h200-rope_norm.md). With a half
+  (0.78x-0.84x on the q/k block, benchmarks/results/2026-12-03-h200-rope_norm.md). No tile recovers
+  it: over ten tiles the kernel alone took 27.7-40.5 us at 4096 tokens (Inductor's block 25.4 us, the
+  norm-first kernel on the same bytes 23.6 us) and 107-150 us at 16384 (87.8 and 88.2 us),
+  benchmarks/results/2026-12-03-h200-tune-rope-first-{4k,16k}.json. With a half
   table (Llama4's complex RoPE, which Inductor runs as eager complex ops) it is fused: 3.1x-3.4x on
   the q/k block, 1.05x-1.64x with SDPA after it (benchmarks/results/2026-12-03-h200-rope_norm-llama4.md).
 """
@@ -95,8 +98,9 @@ def choose(preference: str, q: torch.Tensor, k: torch.Tensor | None, cos: torch.
     if preference == "auto" and recipe.rope_first and not recipe.half_table:
         # (Llama4's complex RoPE, a half table, is Inductor's eager fallback for complex ops: 3.1x-3.4x)
         return None, ("RoPE then norm (rope_norm) with a full-width cos/sin table: the kernel measured slower than "
-                      "Inductor (HunYuan 0.78x-0.84x, benchmarks/results/2026-12-03-h200-rope_norm.md); left to "
-                      "Inductor (kernels='triton' fuses it)")
+                      "Inductor (HunYuan 0.78x-0.84x, benchmarks/results/2026-12-03-h200-rope_norm.md; no tile "
+                      "recovers it, 2026-12-03-h200-tune-rope-first-4k.json); left to Inductor (kernels='triton' "
+                      "fuses it)")
     if preference == "auto" and not tensor_eps and _flashinfer_measured_faster(q, k, recipe):
         from . import flashinfer as fi
 
